@@ -18,10 +18,11 @@ pub use self::cases::*;
 pub use self::concurrency::*;
 use crate::store::EventStore;
 
-/// A storage technology under test.
+/// A storage technology under test. One value lives for one test case.
 #[async_trait]
 pub trait Backend: Send + Sync {
-    /// A new, empty storage location with these limits.
+    /// A new, empty storage location with these limits. The storage must stay usable
+    /// as long as the backend value lives, even after the [`Location`] is dropped.
     async fn location(&self, limits: Limits) -> Box<dyn Location>;
 }
 

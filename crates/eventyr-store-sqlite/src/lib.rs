@@ -1,0 +1,242 @@
+//! The embedded event store: one SQLite file in WAL mode.
+//!
+//! Appends go through one writer thread per store instance, which groups whatever is
+//! queued into one transaction and one fsync (group commit, see [`writer`]). An append
+//! is acknowledged only after its transaction is durable (`synchronous = FULL`). Reads
+//! use a small pool of read-only connections and never wait for the writer. Several
+//! processes may open the same file: SQLite's write lock serialises their writers, so
+//! positions stay gapless and in commit order across them.
+
+mod error;
+mod read;
+mod row;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventyr_core::{Clock, Limits, Position, StreamId, StreamVersion, SystemClock};
+use eventyr_store::plan::{WriteOp, WriteOutcome};
+use eventyr_store::{
+    AllSlice, AppendResult, EventStore, ExpectedVersion, ReadAll, ReadStream, StoreError,
+    StreamAppend, StreamSlice, validate_appends,
+};
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::read::Readers;
+pub use crate::schema::SCHEMA_VERSION;
+use crate::writer::{Request, Writer};
+
+/// How to open a [`SqliteStore`]. Plain data; [`SqliteOptions::new`] gives the defaults.
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// The database file; created with its directory if missing.
+    pub path: PathBuf,
+    pub limits: Limits,
+    /// Stamps `recorded_at`.
+    pub clock: Arc<dyn Clock>,
+    /// The most writes one group commit takes. Default 1 024.
+    pub batch_ops_max: usize,
+    /// A group stops taking writes once it holds this many events. Default 16 384.
+    pub batch_events_max: usize,
+    /// Writes waiting for the writer; callers wait when it is full. Default 4 096.
+    pub queue_ops_max: usize,
+    /// Concurrent reads (pooled read-only connections). Default 4.
+    pub readers_max: usize,
+    /// How long to wait for another process's lock before failing. Default 5 000 ms.
+    pub busy_timeout_ms: u64,
+}
+
+impl SqliteOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            limits: Limits::default(),
+            clock: Arc::new(SystemClock),
+            batch_ops_max: 1024,
+            batch_events_max: 16_384,
+            queue_ops_max: 4096,
+            readers_max: 4,
+            busy_timeout_ms: 5000,
+        }
+    }
+
+    fn validate(&self) -> Result<(), StoreError> {
+        let positive = [
+            ("batch_ops_max", self.batch_ops_max),
+            ("batch_events_max", self.batch_events_max),
+            ("queue_ops_max", self.queue_ops_max),
+            ("readers_max", self.readers_max),
+        ];
+        match positive.iter().find(|(_, value)| *value == 0) {
+            Some((name, _)) => Err(StoreError::Unavailable {
+                message: format!("sqlite store option {name} must be at least 1"),
+                ambiguous: false,
+                source: None,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An event store in one SQLite file. Cheap to clone; the writer thread stops when the
+/// last clone is dropped, after finishing the writes it has queued.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    requests: mpsc::Sender<Request>,
+    readers: Arc<Readers>,
+    head: Arc<watch::Sender<Position>>,
+    limits: Limits,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating or migrating) the store and starts its writer thread.
+    pub fn open(options: SqliteOptions) -> Result<Self, StoreError> {
+        options.validate()?;
+        if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::unavailable(format!("cannot create directory {}", dir.display()), e)
+            })?;
+        }
+        let busy_timeout = Duration::from_millis(options.busy_timeout_ms);
+        let mut conn = Connection::open(&options.path).map_err(error::sqlite)?;
+        schema::configure(&conn, busy_timeout)?;
+        schema::configure_writer(&conn)?;
+        schema::migrate(&mut conn)?;
+        conn.set_prepared_statement_cache_capacity(32);
+        let readers = Arc::new(Readers::new(
+            options.path.clone(),
+            busy_timeout,
+            options.readers_max,
+        ));
+        let next_position: i64 = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'next_position'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(error::sqlite)?;
+        let head = Arc::new(watch::Sender::new(Position(
+            u64::try_from(next_position - 1).unwrap_or_default(),
+        )));
+        let (requests, queue) = mpsc::channel(options.queue_ops_max);
+        let writer = Writer {
+            conn,
+            clock: options.clock,
+            head: Arc::clone(&head),
+            requests: queue,
+            batch_ops_max: options.batch_ops_max,
+            batch_events_max: options.batch_events_max,
+        };
+        std::thread::Builder::new()
+            .name("eventyr-sqlite-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| StoreError::unavailable("cannot start the writer thread", e))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                requests,
+                readers,
+                head,
+                limits: options.limits,
+                path: options.path,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .requests
+            .send(Request { op, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn append_atomic(
+        &self,
+        appends: Vec<StreamAppend>,
+    ) -> Result<Vec<AppendResult>, StoreError> {
+        validate_appends(&appends, &self.inner.limits)?;
+        match self.write(WriteOp::Append(appends)).await? {
+            WriteOutcome::Appended(results) => Ok(results),
+            other => Err(StoreError::corrupt(format!(
+                "an append was answered with {other:?}"
+            ))),
+        }
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        read: ReadStream,
+    ) -> Result<StreamSlice, StoreError> {
+        let stream = stream.clone();
+        self.inner
+            .readers
+            .run(move |conn| read::read_stream(conn, &stream, read))
+            .await
+    }
+
+    async fn read_all(&self, read: &ReadAll) -> Result<AllSlice, StoreError> {
+        let read = read.clone();
+        self.inner
+            .readers
+            .run(move |conn| read::read_all(conn, &read))
+            .await
+    }
+
+    async fn delete_stream(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+    ) -> Result<(), StoreError> {
+        let op = WriteOp::Delete {
+            stream: stream.clone(),
+            expected,
+        };
+        self.write(op).await.map(drop)
+    }
+
+    async fn truncate_stream(
+        &self,
+        stream: &StreamId,
+        before: StreamVersion,
+    ) -> Result<(), StoreError> {
+        let op = WriteOp::Truncate {
+            stream: stream.clone(),
+            before,
+        };
+        self.write(op).await.map(drop)
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        let slice = self.read_all(&ReadAll::from(Position(u64::MAX))).await?;
+        Ok(slice.head)
+    }
+
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.inner.head.subscribe()
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+}

@@ -1,0 +1,62 @@
+//! Rows to envelopes, and the integer conversions between SQLite and our counters.
+
+use eventyr_core::{
+    EventId, EventType, Json, Metadata, Position, RecordedEvent, StreamId, StreamVersion, Timestamp,
+};
+use eventyr_store::StoreError;
+use rusqlite::Row;
+use rusqlite::types::Type;
+
+/// The event columns every read selects, in the order [`event`] decodes them.
+pub const EVENT_COLUMNS: &str = "e.position, e.event_id, e.version, e.type, e.schema_version, e.data, \
+     e.correlation_id, e.causation_id, e.traceparent, e.user_id, e.recorded_at";
+
+/// The column after [`EVENT_COLUMNS`] where reads that join `streams` put its name.
+pub const STREAM_NAME_COLUMN: usize = 11;
+
+/// Decodes an event row of a stream whose id the caller knows.
+pub fn event(row: &Row<'_>, stream_id: StreamId) -> rusqlite::Result<RecordedEvent> {
+    let id: [u8; 16] = row.get(1)?;
+    let id = EventId::from_bytes(&id)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, Type::Blob, Box::new(e)))?;
+    Ok(RecordedEvent {
+        id,
+        stream_id,
+        version: StreamVersion(counter(row, 2)?),
+        position: Position(counter(row, 0)?),
+        event_type: EventType::from_stored(row.get(3)?),
+        schema_version: row.get(4)?,
+        data: Json::from_stored(row.get::<_, Vec<u8>>(5)?),
+        metadata: Metadata {
+            correlation_id: row.get(6)?,
+            causation_id: row.get(7)?,
+            traceparent: row.get(8)?,
+            user_id: row.get(9)?,
+        },
+        recorded_at: Timestamp::from_unix_micros(row.get(10)?),
+    })
+}
+
+/// Decodes an event row that carries its stream's name at [`STREAM_NAME_COLUMN`].
+pub fn event_with_stream(row: &Row<'_>) -> rusqlite::Result<RecordedEvent> {
+    let stream = StreamId::from_stored(row.get(STREAM_NAME_COLUMN)?);
+    event(row, stream)
+}
+
+/// Reads a non-negative integer column as a counter.
+pub fn counter(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
+    let value: i64 = row.get(index)?;
+    u64::try_from(value)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Integer, Box::new(e)))
+}
+
+/// A counter as a SQLite integer. Counters beyond `i64::MAX` cannot be stored.
+pub fn int(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value)
+        .map_err(|_| StoreError::corrupt(format!("counter {value} exceeds the storable range")))
+}
+
+/// A bound for a query, saturated into the SQLite integer range.
+pub fn bound(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,89 @@
+//! The SQLite schema, its migrations, and the connection settings.
+//!
+//! `events.position` is the rowid, so `$all` reads walk the table in storage order.
+//! Stream names live once in `streams`; events refer to them by integer id, which keeps
+//! the `(stream, version)` index small. `meta.next_position` is the global position
+//! counter: positions are never reused, even when the last events are erased.
+
+use std::time::Duration;
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::error;
+use eventyr_store::StoreError;
+
+/// The schema version this code writes and reads (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('next_position', 1);
+
+CREATE TABLE streams (
+    id              INTEGER PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,
+    version         INTEGER,
+    truncate_before INTEGER NOT NULL DEFAULT 0,
+    deleted         INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE events (
+    position       INTEGER PRIMARY KEY,
+    event_id       BLOB NOT NULL,
+    stream         INTEGER NOT NULL,
+    version        INTEGER NOT NULL,
+    type           TEXT NOT NULL,
+    schema_version INTEGER NOT NULL,
+    data           BLOB NOT NULL,
+    correlation_id TEXT,
+    causation_id   TEXT,
+    traceparent    TEXT,
+    user_id        TEXT,
+    recorded_at    INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX events_event_id ON events (event_id);
+CREATE UNIQUE INDEX events_stream_version ON events (stream, version);
+";
+
+/// Settings for every connection: WAL so readers never block the writer, and a busy
+/// timeout so another process's write lock is waited for rather than failed on.
+pub fn configure(conn: &Connection, busy_timeout: Duration) -> Result<(), StoreError> {
+    conn.busy_timeout(busy_timeout).map_err(error::sqlite)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA temp_store = MEMORY;
+         PRAGMA cache_size = -32768;",
+    )
+    .map_err(error::sqlite)
+}
+
+/// Settings for the writer: every commit is fsynced before it is acknowledged.
+pub fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch("PRAGMA synchronous = FULL;")
+        .map_err(error::sqlite)
+}
+
+/// Brings the database to [`SCHEMA_VERSION`], under the write lock so that two
+/// processes opening a new file at once do not both create it.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(error::sqlite)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(error::sqlite)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::corrupt(format!(
+            "the database has schema version {version}; this eventyr understands up to {SCHEMA_VERSION}"
+        )));
+    }
+    if version < 1 {
+        tx.execute_batch(SCHEMA_V1).map_err(error::sqlite)?;
+    }
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+        .map_err(error::sqlite)?;
+    tx.commit().map_err(error::sqlite)
+}
