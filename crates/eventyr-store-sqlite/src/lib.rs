@@ -19,17 +19,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventyr_core::{Clock, Limits, Position, StreamId, StreamVersion, SystemClock};
+use eventyr_store::group::{GroupBounds, WriteRequest, submit};
 use eventyr_store::plan::{WriteOp, WriteOutcome};
 use eventyr_store::{
     AllSlice, AppendResult, EventStore, ExpectedVersion, ReadAll, ReadStream, StoreError,
     StreamAppend, StreamSlice, validate_appends,
 };
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::read::Readers;
 pub use crate::schema::SCHEMA_VERSION;
-use crate::writer::{Request, Writer};
+use crate::writer::Writer;
 
 /// How to open a [`SqliteStore`]. Plain data; [`SqliteOptions::new`] gives the defaults.
 #[derive(Debug, Clone)]
@@ -92,7 +93,7 @@ pub struct SqliteStore {
 
 #[derive(Debug)]
 struct Inner {
-    requests: mpsc::Sender<Request>,
+    requests: mpsc::Sender<WriteRequest>,
     readers: Arc<Readers>,
     head: Arc<watch::Sender<Position>>,
     limits: Limits,
@@ -135,8 +136,10 @@ impl SqliteStore {
             clock: options.clock,
             head: Arc::clone(&head),
             requests: queue,
-            batch_ops_max: options.batch_ops_max,
-            batch_events_max: options.batch_events_max,
+            bounds: GroupBounds {
+                ops_max: options.batch_ops_max,
+                events_max: options.batch_events_max,
+            },
         };
         std::thread::Builder::new()
             .name("eventyr-sqlite-writer".into())
@@ -158,13 +161,7 @@ impl SqliteStore {
     }
 
     async fn write(&self, op: WriteOp) -> Result<WriteOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.inner
-            .requests
-            .send(Request { op, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        submit(&self.inner.requests, op).await
     }
 }
 

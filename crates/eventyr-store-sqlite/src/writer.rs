@@ -13,78 +13,33 @@ use std::sync::Arc;
 
 use eventyr_core::{Clock, Position, StreamId, StreamVersion};
 use eventyr_store::StoreError;
-use eventyr_store::plan::{Plan, StreamState, WriteOp, WriteOutcome, Writes, touched};
+use eventyr_store::group::{GroupBounds, Outcomes, WriteRequest, advance_head, answer, take_group};
+use eventyr_store::plan::{Plan, StreamState, WriteOp, Writes, touched};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::error;
 use crate::row::{self, EVENT_COLUMNS};
-
-/// One write waiting for its group.
-#[derive(Debug)]
-pub struct Request {
-    pub op: WriteOp,
-    pub reply: oneshot::Sender<Result<WriteOutcome, StoreError>>,
-}
-
-impl Request {
-    fn event_count(&self) -> usize {
-        match &self.op {
-            WriteOp::Append(appends) => appends.iter().map(|a| a.events.len()).sum(),
-            WriteOp::Delete { .. } | WriteOp::Truncate { .. } => 1,
-        }
-    }
-}
 
 #[derive(Debug)]
 pub struct Writer {
     pub conn: Connection,
     pub clock: Arc<dyn Clock>,
     pub head: Arc<watch::Sender<Position>>,
-    pub requests: mpsc::Receiver<Request>,
-    pub batch_ops_max: usize,
-    pub batch_events_max: usize,
+    pub requests: mpsc::Receiver<WriteRequest>,
+    pub bounds: GroupBounds,
 }
-
-type Outcomes = Vec<Result<WriteOutcome, StoreError>>;
 
 impl Writer {
     /// Serves requests until every sender is gone, then returns.
     pub fn run(mut self) {
         while let Some(first) = self.requests.blocking_recv() {
-            let mut events = first.event_count();
-            let mut batch = vec![first];
-            while batch.len() < self.batch_ops_max && events < self.batch_events_max {
-                let Ok(next) = self.requests.try_recv() else {
-                    break;
-                };
-                events += next.event_count();
-                batch.push(next);
-            }
-            self.commit(batch);
-        }
-    }
-
-    fn commit(&mut self, batch: Vec<Request>) {
-        let (ops, replies): (Vec<WriteOp>, Vec<_>) =
-            batch.into_iter().map(|r| (r.op, r.reply)).unzip();
-        match self.write(ops) {
-            Ok((outcomes, head)) => {
-                self.head.send_if_modified(|current| {
-                    let moved = *current < head;
-                    *current = (*current).max(head);
-                    moved
-                });
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    // A caller that gave up waiting is not an error of the write.
-                    let _ = reply.send(outcome);
-                }
-            }
-            Err(failure) => {
-                for reply in replies {
-                    let _ = reply.send(Err(failure.clone()));
-                }
-            }
+            let (ops, replies) = take_group(first, &mut self.requests, self.bounds);
+            let result = self.write(ops).map(|(outcomes, head)| {
+                advance_head(&self.head, head);
+                outcomes
+            });
+            answer(replies, result);
         }
     }
 

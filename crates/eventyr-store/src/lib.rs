@@ -6,10 +6,12 @@
 //!   touches, lets the planner decide each write, and stores what it returns; so the
 //!   rules (expectations, idempotency, atomicity, tombstones) are written once.
 //! - [`subscription`]: catch-up then live subscriptions, built on reads by position.
+//! - [`group`]: the group-commit plumbing the durable backends' writers share.
 //! - [`MemoryStore`]: the in-memory backend for tests.
 //! - `testkit` (feature): the conformance suite every backend passes.
 
 mod error;
+pub mod group;
 mod memory;
 pub mod plan;
 mod store;

@@ -13,6 +13,7 @@ use eventyr_core::{
 use tokio::sync::watch;
 
 use crate::error::StoreError;
+use crate::group::advance_head;
 use crate::plan::{Plan, StreamState, WriteOp, WriteOutcome, touched};
 use crate::store::{EventStore, validate_appends};
 use crate::types::{
@@ -138,11 +139,7 @@ impl MemoryStore {
         state.next_position = writes.next_position;
         let head = Position(state.next_position.0 - 1);
         drop(state);
-        self.shared.head.send_if_modified(|current| {
-            let moved = *current < head;
-            *current = (*current).max(head);
-            moved
-        });
+        advance_head(&self.shared.head, head);
         Ok(outcome)
     }
 }

@@ -1,0 +1,174 @@
+//! The read side: pooled connections, one statement per read. Each read is a single
+//! statement, so it sees one snapshot: the head and the events below it, or a stream's
+//! row and its events, always agree.
+
+use eventyr_core::{Position, StreamId, StreamVersion};
+use eventyr_store::{AllSlice, Direction, ReadAll, ReadStream, StoreError, StreamSlice};
+
+use crate::error;
+use crate::row::{self, EVENT_COLUMNS};
+
+/// The read statements of one schema.
+#[derive(Debug)]
+pub struct ReadSql {
+    all: String,
+    forwards: String,
+    backwards: String,
+    head: String,
+}
+
+impl ReadSql {
+    pub fn new(s: &str) -> Self {
+        let stream = |condition: &str, order: &str| {
+            format!(
+                "SELECT st.version, st.deleted, x.* FROM {s}.streams st LEFT JOIN LATERAL ( \
+                 SELECT {EVENT_COLUMNS} FROM {s}.events e WHERE e.stream_id = st.id AND {condition} \
+                 ORDER BY e.version {order} LIMIT $3) x ON true WHERE st.name = $1"
+            )
+        };
+        Self {
+            // The head comes from the same snapshot as the events; positions are gapless
+            // in commit order, so everything up to it is visible.
+            all: format!(
+                "SELECT h.head, x.* FROM (SELECT next_position - 1 AS head FROM {s}.position WHERE id = 1) h \
+                 LEFT JOIN LATERAL ( \
+                 SELECT {EVENT_COLUMNS}, st.name FROM {s}.events e JOIN {s}.streams st ON st.id = e.stream_id \
+                 WHERE e.position >= $1 AND e.position <= h.head \
+                 AND ($3::text IS NULL OR starts_with(e.type, $3)) \
+                 AND ($4::text IS NULL OR starts_with(st.name, $4)) \
+                 ORDER BY e.position LIMIT $2) x ON true"
+            ),
+            forwards: stream("e.version >= $2", "ASC"),
+            backwards: stream("e.version <= $2", "DESC"),
+            head: format!("SELECT next_position - 1 FROM {s}.position WHERE id = 1"),
+        }
+    }
+}
+
+pub async fn read_all(
+    client: &deadpool_postgres::Client,
+    sql: &ReadSql,
+    read: &ReadAll,
+) -> Result<AllSlice, StoreError> {
+    let statement = client
+        .prepare_cached(&sql.all)
+        .await
+        .map_err(error::postgres)?;
+    let limit = read.effective_limit();
+    let from = read.from.max(Position::FIRST);
+    let type_prefix = read
+        .filter
+        .event_type_prefix
+        .as_deref()
+        .filter(|p| !p.is_empty());
+    let stream_prefix = read
+        .filter
+        .stream_prefix
+        .as_deref()
+        .filter(|p| !p.is_empty());
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &row::bound(from.0),
+                &(limit as i64),
+                &type_prefix,
+                &stream_prefix,
+            ],
+        )
+        .await
+        .map_err(error::postgres)?;
+    let head = match rows.first() {
+        Some(first) => Position(
+            u64::try_from(first.try_get::<_, i64>(0).map_err(error::postgres)?).unwrap_or(0),
+        ),
+        None => return Err(StoreError::corrupt("the position row is missing")),
+    };
+    let mut events = Vec::with_capacity(rows.len());
+    for r in &rows {
+        if r.try_get::<_, Option<i64>>(1)
+            .map_err(error::postgres)?
+            .is_none()
+        {
+            break; // The lateral join found no events: one row of NULLs.
+        }
+        let name: String = r.try_get(12).map_err(error::postgres)?;
+        events.push(row::event(r, 1, StreamId::from_stored(name))?);
+    }
+    let next = match events.last() {
+        Some(last) if events.len() == limit => last.position.next(),
+        _ => head.next().max(from),
+    };
+    Ok(AllSlice { events, next, head })
+}
+
+pub async fn read_stream(
+    client: &deadpool_postgres::Client,
+    sql: &ReadSql,
+    stream: &StreamId,
+    read: ReadStream,
+) -> Result<StreamSlice, StoreError> {
+    let text = match read.direction {
+        Direction::Forwards => &sql.forwards,
+        Direction::Backwards => &sql.backwards,
+    };
+    let statement = client.prepare_cached(text).await.map_err(error::postgres)?;
+    let limit = read.effective_limit();
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &stream.as_str(),
+                &row::bound(read.from.0),
+                &(limit as i64 + 1),
+            ],
+        )
+        .await
+        .map_err(error::postgres)?;
+    let Some(first) = rows.first() else {
+        return Ok(StreamSlice {
+            events: Vec::new(),
+            stream_version: None,
+            is_end: true,
+        });
+    };
+    if first.try_get::<_, bool>(1).map_err(error::postgres)? {
+        return Err(StoreError::StreamDeleted {
+            stream: stream.clone(),
+        });
+    }
+    let version: Option<i64> = first.try_get(0).map_err(error::postgres)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for r in &rows {
+        if r.try_get::<_, Option<i64>>(2)
+            .map_err(error::postgres)?
+            .is_none()
+        {
+            break;
+        }
+        events.push(row::event(r, 2, stream.clone())?);
+    }
+    let is_end = events.len() <= limit;
+    events.truncate(limit);
+    Ok(StreamSlice {
+        events,
+        stream_version: version.map(|v| StreamVersion(u64::try_from(v).unwrap_or_default())),
+        is_end,
+    })
+}
+
+pub async fn head(
+    client: &deadpool_postgres::Client,
+    sql: &ReadSql,
+) -> Result<Position, StoreError> {
+    let statement = client
+        .prepare_cached(&sql.head)
+        .await
+        .map_err(error::postgres)?;
+    let row = client
+        .query_one(&statement, &[])
+        .await
+        .map_err(error::postgres)?;
+    let head: i64 = row.try_get(0).map_err(error::postgres)?;
+    Ok(Position(u64::try_from(head).unwrap_or(0)))
+}
