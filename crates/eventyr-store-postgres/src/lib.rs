@@ -248,3 +248,21 @@ impl EventStore for PostgresStore {
         &self.inner.limits
     }
 }
+
+/// Drops a store's schema and everything in it. For benchmarks and tests that create
+/// throwaway schemas in a database they do not own.
+pub async fn drop_schema(url: &str, schema: &str) -> Result<(), StoreError> {
+    schema::check_name(schema)?;
+    let config: Config = url
+        .parse()
+        .map_err(|e| invalid_option(format!("invalid postgres url: {e}")))?;
+    let (client, connection) = config.connect(NoTls).await.map_err(error::postgres)?;
+    let driver = tokio::spawn(connection);
+    let dropped = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .map_err(error::postgres);
+    drop(client);
+    let _ = driver.await;
+    dropped
+}

@@ -1,0 +1,16 @@
+//! `eventyr bench ...`: the benchmarks whose figures go into BENCHMARKS.md. Each one
+//! measures its peer or physical limit in the same run and reports medians of several
+//! runs, because the machines here are shared and noisy.
+
+mod fsync;
+mod stats;
+mod store;
+
+use crate::cli::BenchCommand;
+use crate::config::Config;
+
+pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Store(args) => store::run(config, args).await,
+    }
+}

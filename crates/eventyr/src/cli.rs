@@ -1,0 +1,246 @@
+//! The command line, declared with clap. Every subcommand's `--help` says what it does
+//! and what its options mean.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use eventyr_store::ExpectedVersion;
+
+/// Eventyr: an event-driven microservices platform. Event store, CQRS, messaging,
+/// sagas, gateway, observability — in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "eventyr", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command understands. Each can also come from `eventyr.toml` or an
+/// `EVENTYR_*` environment variable; a flag wins over the environment, which wins over
+/// the file, which wins over the default.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Configuration file. Default: ./eventyr.toml when it exists.
+    #[arg(long, global = true, env = "EVENTYR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where embedded data lives. Default: ./eventyr-data.
+    #[arg(long, global = true, env = "EVENTYR_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Event store backend. Default: sqlite.
+    #[arg(long, global = true, env = "EVENTYR_STORE", value_enum)]
+    pub store: Option<StoreKind>,
+    /// PostgreSQL URL, for --store postgres.
+    #[arg(long, global = true, env = "EVENTYR_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// PostgreSQL schema of the store. Default: eventyr.
+    #[arg(
+        long,
+        global = true,
+        env = "EVENTYR_DATABASE_SCHEMA",
+        value_name = "NAME"
+    )]
+    pub database_schema: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// One SQLite file under the data directory (embedded, the default).
+    Sqlite,
+    /// A PostgreSQL database (distributed mode).
+    Postgres,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write, read and follow events in the event store.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Measure the system (figures for BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// Append one event to a stream; prints where it landed as JSON.
+    Append(AppendArgs),
+    /// Print events of a stream or of $all, one JSON document per line.
+    Read(ReadArgs),
+    /// Follow new events as they are committed, one JSON document per line, until Ctrl-C.
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AppendArgs {
+    /// The stream to append to, e.g. order-42.
+    #[arg(long)]
+    pub stream: String,
+    /// The event type, e.g. OrderPlaced.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub event_type: String,
+    /// The event data as JSON, or - to read it from standard input.
+    #[arg(long)]
+    pub data: String,
+    /// Append only if the stream is in this state: any, no-stream, exists, or a version.
+    #[arg(long, default_value = "any")]
+    pub expected_version: ExpectedVersion,
+    /// The event id (a UUID). Appending the same id and content again is a no-op that
+    /// returns the first result. Default: a new UUIDv7.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// The version of the data's schema.
+    #[arg(long, default_value_t = 1)]
+    pub schema_version: u32,
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    #[arg(long)]
+    pub causation_id: Option<String>,
+    #[arg(long)]
+    pub user_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("what").required(true).args(["stream", "all"]))]
+pub struct ReadArgs {
+    /// Read this stream.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Read every stream, in global order ($all).
+    #[arg(long)]
+    pub all: bool,
+    /// Start at this stream version (--stream) or global position (--all). Default: the
+    /// first event, or the last one with --backwards.
+    #[arg(long)]
+    pub from: Option<u64>,
+    /// Print at most this many events.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Read a stream from its end towards its start.
+    #[arg(long, requires = "stream")]
+    pub backwards: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub format: FormatArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Follow only this stream.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Start at this global position (or stream version with --stream) instead of at
+    /// the end.
+    #[arg(long)]
+    pub from: Option<u64>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub format: FormatArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Only events whose type starts with this ($all only).
+    #[arg(long, conflicts_with = "stream")]
+    pub type_prefix: Option<String>,
+    /// Only events of streams whose id starts with this ($all only).
+    #[arg(long, conflicts_with = "stream")]
+    pub stream_prefix: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Envelope)]
+    pub format: Format,
+    /// The CloudEvents source (the producing service) for --format cloudevents.
+    #[arg(long, default_value = "eventyr")]
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Eventyr's envelope: id, stream, version, position, type, data, metadata, time.
+    Envelope,
+    /// CloudEvents 1.0 JSON (structured mode).
+    Cloudevents,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Event store appends and reads: the eventstore-benchmarks "concurrent_writers"
+    /// workload, on each backend in the same run, with the disk's fsync rate.
+    Store(StoreBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreBenchArgs {
+    /// Backends to measure, in order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sqlite,postgres"
+    )]
+    pub backend: Vec<BenchBackend>,
+    /// Concurrent closed-loop writers.
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// Streams the writers pick from at random.
+    #[arg(long, default_value_t = 10_000)]
+    pub streams: u64,
+    /// Size of each event's data, in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub event_size: usize,
+    /// Events per append.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// How long the write phase runs, e.g. 5s or 500ms.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Repeat everything this many times and report the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Single-stream reads in the read phase.
+    #[arg(long, default_value_t = 10_000)]
+    pub stream_reads: usize,
+    /// Concurrent readers in the read phase.
+    #[arg(long, default_value_t = 4)]
+    pub readers: usize,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchBackend {
+    Sqlite,
+    Postgres,
+    Memory,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,90 @@
+//! Configuration in layers, validated once: defaults → `eventyr.toml` → `EVENTYR_*`
+//! environment → flags. clap merges the last two (a flag wins over its environment
+//! variable); this module puts the file underneath and the defaults under that.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use eventyr_core::Limits;
+use serde::Deserialize;
+
+use crate::cli::{GlobalArgs, StoreKind};
+
+/// The file read when `--config` is not given, if it exists.
+const DEFAULT_FILE: &str = "eventyr.toml";
+
+/// The settings every command runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub backend: StoreKind,
+    pub database_url: Option<String>,
+    pub schema: String,
+    pub limits: Limits,
+}
+
+/// `eventyr.toml` as written; every field optional, unknown fields refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    store: FileStore,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    backend: Option<StoreKind>,
+    database_url: Option<String>,
+    schema: Option<String>,
+    event_size_max_bytes: Option<usize>,
+}
+
+impl Config {
+    pub fn load(args: &GlobalArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => read(path)?,
+            None if Path::new(DEFAULT_FILE).exists() => read(Path::new(DEFAULT_FILE))?,
+            None => File::default(),
+        };
+        let mut limits = Limits::default();
+        if let Some(max) = file.store.event_size_max_bytes {
+            if max == 0 {
+                bail!("store.event_size_max_bytes must be at least 1");
+            }
+            limits.event_size_max_bytes = max;
+        }
+        Ok(Self {
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("eventyr-data")),
+            store: StoreConfig {
+                backend: args
+                    .store
+                    .or(file.store.backend)
+                    .unwrap_or(StoreKind::Sqlite),
+                database_url: args.database_url.clone().or(file.store.database_url),
+                schema: args
+                    .database_schema
+                    .clone()
+                    .or(file.store.schema)
+                    .unwrap_or_else(|| "eventyr".into()),
+                limits,
+            },
+        })
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<File> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}

@@ -1,0 +1,49 @@
+//! `eventyr`: the command-line entry point. Parses arguments, loads the layered
+//! configuration, picks the adapters, and runs the command. The only place that uses
+//! `anyhow`, and the only crate that chooses between storage backends.
+
+mod bench;
+mod cli;
+mod config;
+mod events;
+mod output;
+mod stores;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, EventsCommand};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            output::report(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = config::Config::load(&cli.global)?;
+    match cli.command {
+        Command::Events { command } => match command {
+            EventsCommand::Append(args) => events::append(&config, args).await,
+            EventsCommand::Read(args) => events::read(&config, args).await,
+            EventsCommand::Tail(args) => events::tail(&config, args).await,
+        },
+        Command::Bench { command } => bench::run(&config, command).await,
+    }
+}

@@ -1,0 +1,43 @@
+//! Opening the configured event store: the one place that picks a storage adapter.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use eventyr_store::EventStore;
+use eventyr_store_postgres::{PostgresOptions, PostgresStore};
+use eventyr_store_sqlite::{SqliteOptions, SqliteStore};
+
+use crate::cli::StoreKind;
+use crate::config::Config;
+
+/// The SQLite file of the event store, under the data directory.
+pub const SQLITE_FILE: &str = "eventyr.db";
+
+pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
+    let store = &config.store;
+    match store.backend {
+        StoreKind::Sqlite => open_sqlite(&config.data_dir.join(SQLITE_FILE), config),
+        StoreKind::Postgres => {
+            let url = store.database_url.clone().context(
+                "the postgres store needs a database URL: --database-url, EVENTYR_DATABASE_URL or \
+                 store.database_url in eventyr.toml",
+            )?;
+            let mut options = PostgresOptions::new(url);
+            options.schema = store.schema.clone();
+            options.limits = store.limits;
+            let store = PostgresStore::connect(options)
+                .await
+                .context("cannot open the postgres event store")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+pub fn open_sqlite(path: &Path, config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
+    let mut options = SqliteOptions::new(path);
+    options.limits = config.store.limits;
+    let store = SqliteStore::open(options)
+        .with_context(|| format!("cannot open the event store {}", path.display()))?;
+    Ok(Arc::new(store))
+}

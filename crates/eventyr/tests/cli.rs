@@ -1,0 +1,316 @@
+//! The `eventyr` command as a user runs it: help, append/read/tail on SQLite and
+//! PostgreSQL, typed errors with stable codes and no panics, the configuration layers,
+//! and the store benchmark's command line.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn eventyr(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_eventyr"));
+    command
+        .current_dir(dir)
+        .env_remove("EVENTYR_DATA_DIR")
+        .env_remove("EVENTYR_STORE");
+    command
+        .env_remove("EVENTYR_DATABASE_URL")
+        .env_remove("EVENTYR_CONFIG");
+    command
+}
+
+fn run(command: &mut Command) -> Output {
+    command.output().expect("run eventyr")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Runs and expects success; returns the JSON lines printed.
+fn ok(command: &mut Command) -> Vec<Value> {
+    let output = run(command);
+    assert!(output.status.success(), "failed: {}", stderr(&output));
+    stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// Runs and expects a clean failure (exit code 1, no panic) naming `code`.
+fn fails_with(command: &mut Command, code: &str) -> String {
+    let output = run(command);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "exit code for {code}: {err}");
+    assert!(
+        err.contains(&format!("error[{code}]")),
+        "{err:?} should name {code}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn append(dir: &Path, stream: &str, event_type: &str, data: &str) -> Command {
+    let mut command = eventyr(dir);
+    command.args([
+        "events", "append", "--stream", stream, "--type", event_type, "--data", data,
+    ]);
+    command
+}
+
+#[test]
+fn every_command_has_help() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for args in [
+        vec!["--help"],
+        vec!["events", "--help"],
+        vec!["events", "append", "--help"],
+        vec!["events", "read", "--help"],
+        vec!["events", "tail", "--help"],
+        vec!["bench", "--help"],
+        vec!["bench", "store", "--help"],
+    ] {
+        let output = run(eventyr(dir.path()).args(&args));
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        assert!(stdout(&output).contains("Usage: eventyr"), "{args:?}");
+    }
+    let output = run(eventyr(dir.path()).args(["events", "read"]));
+    assert_eq!(output.status.code(), Some(2), "a usage error exits with 2");
+}
+
+#[test]
+fn append_and_read_on_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let first = ok(append(d, "order-1", "OrderPlaced", r#"{"total":12}"#)
+        .args(["--expected-version", "no-stream"]));
+    assert_eq!(first[0]["first_position"], 1);
+    let id = "01932c6e-8a4b-7cc3-9d1e-6f7a8b9c0d1e";
+    let paid =
+        ok(append(d, "order-1", "OrderPaid", "true").args(["--expected-version", "0", "--id", id]));
+    assert_eq!(paid[0]["last_version"], 1);
+    let again = ok(append(d, "order-1", "OrderPaid", "true").args(["--id", id]));
+    assert_eq!(
+        again, paid,
+        "the same id and content is an idempotent no-op"
+    );
+    assert!(
+        d.join("eventyr-data/eventyr.db").exists(),
+        "the default data directory"
+    );
+
+    let all = ok(eventyr(d).args(["events", "read", "--all"]));
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0]["type"], "OrderPlaced");
+    assert_eq!(all[0]["data"]["total"], 12);
+    let backwards = ok(eventyr(d).args([
+        "events",
+        "read",
+        "--stream",
+        "order-1",
+        "--backwards",
+        "--limit",
+        "1",
+    ]));
+    assert_eq!(backwards.len(), 1);
+    assert_eq!(backwards[0]["version"], 1);
+    let cloud = ok(eventyr(d).args([
+        "events",
+        "read",
+        "--all",
+        "--format",
+        "cloudevents",
+        "--source",
+        "order",
+    ]));
+    assert_eq!(cloud[1]["type"], "eventyr.order.OrderPaid.v1");
+    assert_eq!(cloud[1]["id"], id);
+    let filtered = ok(eventyr(d).args(["events", "read", "--all", "--type-prefix", "OrderPa"]));
+    assert_eq!(filtered.len(), 1);
+}
+
+#[test]
+fn bad_input_is_a_typed_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    ok(&mut append(d, "s", "T", "1"));
+    fails_with(
+        append(d, "s", "T", "1").args(["--expected-version", "no-stream"]),
+        "wrong_expected_version",
+    );
+    fails_with(&mut append(d, "", "T", "1"), "invalid_input");
+    fails_with(&mut append(d, "$all", "T", "1"), "invalid_input");
+    fails_with(&mut append(d, "s", "bad\ttype", "1"), "invalid_input");
+    fails_with(&mut append(d, "s", "T", "{not json"), "invalid_input");
+    fails_with(
+        append(d, "s", "T", "1").args(["--id", "nope"]),
+        "invalid_input",
+    );
+    fails_with(
+        append(d, "s", "T", "1").args(["--schema-version", "0"]),
+        "invalid_input",
+    );
+    // Through standard input: an argument this large exceeds the OS limit.
+    let mut big = append(d, "s", "T", "-");
+    let mut child = big
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let data = format!("\"{}\"", "x".repeat(1024 * 1024));
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), data.as_bytes())
+        .expect("write data");
+    let output = child.wait_with_output().expect("wait");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("error[payload_too_large]"),
+        "{}",
+        stderr(&output)
+    );
+    let output = run(append(d, "s", "T", "1").arg("--expected-version=-3"));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("not any, no-stream, exists or a version number"));
+}
+
+#[test]
+fn tail_follows_live_events_until_interrupted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    ok(&mut append(d, "s", "Before", "0"));
+    let mut tail = eventyr(d)
+        .args(["events", "tail", "--from", "0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start tail");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let out = tail.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let _ = lines_tx.send(line.expect("line"));
+        }
+    });
+    let next = || -> Value {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tail printed an event");
+        serde_json::from_str(&line).expect("json")
+    };
+    assert_eq!(next()["type"], "Before");
+    ok(&mut append(d, "s", "Live", "1"));
+    assert_eq!(next()["type"], "Live");
+    let pid = tail.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let status = tail.wait().expect("tail exits");
+    assert!(status.success(), "Ctrl-C stops tail cleanly: {status:?}");
+}
+
+#[test]
+fn configuration_layers_flag_over_env_over_file_over_default() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    std::fs::write(
+        d.join("eventyr.toml"),
+        "data_dir = \"from-file\"\n[store]\nbackend = \"sqlite\"\n",
+    )
+    .expect("config");
+    ok(&mut append(d, "s", "T", "1"));
+    assert!(d.join("from-file/eventyr.db").exists());
+    ok(append(d, "s", "T", "1").env("EVENTYR_DATA_DIR", "from-env"));
+    assert!(d.join("from-env/eventyr.db").exists());
+    ok(append(d, "s", "T", "1")
+        .env("EVENTYR_DATA_DIR", "from-env")
+        .args(["--data-dir", "from-flag"]));
+    assert!(d.join("from-flag/eventyr.db").exists());
+
+    std::fs::write(d.join("eventyr.toml"), "[store]\nbakend = \"sqlite\"\n").expect("config");
+    let output = run(&mut append(d, "s", "T", "1"));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("bakend"),
+        "the unknown key is named: {}",
+        stderr(&output)
+    );
+    std::fs::remove_file(d.join("eventyr.toml")).expect("remove config");
+    let output = run(append(d, "s", "T", "1").args(["--store", "postgres"]));
+    assert!(
+        stderr(&output).contains("needs a database URL"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn append_and_read_on_postgres() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let url = eventyr_testkit::test_postgres_url();
+    let schema = format!("cli_{}", std::process::id());
+    let pg = |command: &mut Command| {
+        command.args([
+            "--store",
+            "postgres",
+            "--database-url",
+            &url,
+            "--database-schema",
+            &schema,
+        ]);
+    };
+    let mut first = append(d, "order-1", "OrderPlaced", r#"{"n":1}"#);
+    pg(&mut first);
+    ok(&mut first);
+    let mut conflict = append(d, "order-1", "OrderPlaced", "2");
+    pg(conflict.args(["--expected-version", "no-stream"]));
+    fails_with(&mut conflict, "wrong_expected_version");
+    let mut read = eventyr(d);
+    pg(read.args(["events", "read", "--stream", "order-1"]));
+    let events = ok(&mut read);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["data"]["n"], 1);
+}
+
+#[test]
+fn store_benchmark_command_runs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = run(eventyr(dir.path()).args([
+        "bench",
+        "store",
+        "--backend",
+        "memory,sqlite",
+        "--duration",
+        "100ms",
+        "--runs",
+        "1",
+        "--writers",
+        "2",
+        "--streams",
+        "10",
+        "--stream-reads",
+        "20",
+        "--json",
+    ]));
+    let out = stdout(&output);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        out.contains("fsync:") && out.contains("median of 1 runs"),
+        "{out}"
+    );
+    let report: Value =
+        serde_json::from_str(out.lines().last().expect("json line")).expect("json report");
+    assert_eq!(report["medians"].as_array().map(Vec::len), Some(2));
+    assert!(
+        report["medians"][1]["all_events"].as_u64() > Some(0),
+        "the sqlite run wrote and read events"
+    );
+}
