@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventyr_core::{Position, StreamId, StreamVersion};
+use eventyr_core::{Position, StreamId};
 use eventyr_store::{AllSlice, Direction, ReadAll, ReadStream, StoreError, StreamSlice};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
 use crate::error;
 use crate::row::{self, EVENT_COLUMNS};
-use crate::schema;
+use crate::schema::{self, STREAM_VERSION};
 
 #[derive(Debug)]
 pub struct Readers {
@@ -93,13 +93,14 @@ pub fn read_stream(
     read: ReadStream,
 ) -> Result<StreamSlice, StoreError> {
     let tx = conn.transaction().map_err(error::sqlite)?;
+    let sql = format!("SELECT s.id, {STREAM_VERSION}, s.deleted FROM streams s WHERE s.name = ?1");
     let found = tx
-        .prepare_cached("SELECT id, version, deleted FROM streams WHERE name = ?1")
+        .prepare_cached(&sql)
         .and_then(|mut s| {
             s.query_row([stream.as_str()], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
-                    r.get::<_, Option<i64>>(1)?,
+                    row::version(r, 1)?,
                     r.get::<_, bool>(2)?,
                 ))
             })
@@ -137,7 +138,7 @@ pub fn read_stream(
     events.truncate(limit);
     Ok(StreamSlice {
         events,
-        stream_version: version.map(|v| StreamVersion(u64::try_from(v).unwrap_or_default())),
+        stream_version: version,
         is_end,
     })
 }

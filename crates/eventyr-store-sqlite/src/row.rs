@@ -50,6 +50,12 @@ pub fn counter(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Integer, Box::new(e)))
 }
 
+/// Reads a stream version where -1 (or NULL) means "no events".
+pub fn version(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<StreamVersion>> {
+    let value: Option<i64> = row.get(index)?;
+    Ok(value.and_then(|v| u64::try_from(v).ok()).map(StreamVersion))
+}
+
 /// A counter as a SQLite integer. Counters beyond `i64::MAX` cannot be stored.
 pub fn int(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value)

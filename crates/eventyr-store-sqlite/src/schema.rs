@@ -25,6 +25,7 @@ INSERT INTO meta (key, value) VALUES ('next_position', 1);
 CREATE TABLE streams (
     id              INTEGER PRIMARY KEY,
     name            TEXT NOT NULL UNIQUE,
+    -- The version when the row last changed; see STREAM_VERSION.
     version         INTEGER,
     truncate_before INTEGER NOT NULL DEFAULT 0,
     deleted         INTEGER NOT NULL DEFAULT 0
@@ -47,6 +48,13 @@ CREATE TABLE events (
 CREATE UNIQUE INDEX events_event_id ON events (event_id);
 CREATE UNIQUE INDEX events_stream_version ON events (stream, version);
 ";
+
+/// A stream's version, for a query over `streams s`: the version of its last event, or
+/// the version its row recorded when events were erased, whichever is higher; -1 for
+/// none. Appends do not touch the row (see the writer), so the index on
+/// `(stream, version)` is the source of truth while events exist.
+pub const STREAM_VERSION: &str = "max(coalesce(s.version, -1), \
+     coalesce((SELECT max(e.version) FROM events e WHERE e.stream = s.id), -1))";
 
 /// Settings for every connection: WAL so readers never block the writer, and a busy
 /// timeout so another process's write lock is waited for rather than failed on.

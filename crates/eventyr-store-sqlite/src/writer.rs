@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::error;
 use crate::row::{self, EVENT_COLUMNS};
+use crate::schema::STREAM_VERSION;
 
 #[derive(Debug)]
 pub struct Writer {
@@ -44,7 +45,30 @@ impl Writer {
     }
 
     /// Runs one group in one transaction; returns each op's outcome and the new head.
+    ///
+    /// The group is first planned as if none of its event ids were stored, which saves
+    /// one index probe per event. A retried append then shows up in one of two ways:
+    /// its insert hits the unique index on `event_id`, or (with a stale expectation) it
+    /// is refused as a version conflict. Either way the attempt is dropped and the group
+    /// planned again with the stored events loaded, so the planner decides every case.
     fn write(&mut self, ops: Vec<WriteOp>) -> Result<(Outcomes, Position), StoreError> {
+        match self.write_with(ops.clone(), Lookups::Skip) {
+            Err(Attempt::IdAlreadyStored) => self.write_with(ops, Lookups::Load),
+            other => other,
+        }
+        .map_err(|attempt| match attempt {
+            Attempt::IdAlreadyStored => {
+                StoreError::corrupt("an event id collided after it was looked up")
+            }
+            Attempt::Failed(error) => error,
+        })
+    }
+
+    fn write_with(
+        &mut self,
+        ops: Vec<WriteOp>,
+        lookups: Lookups,
+    ) -> Result<(Outcomes, Position), Attempt> {
         let now = self.clock.now();
         let tx = self
             .conn
@@ -55,35 +79,78 @@ impl Writer {
             .and_then(|mut s| s.query_row([], |r| r.get(0)))
             .map_err(error::sqlite)?;
         let touched = touched(&ops);
-        let (mut stream_ids, states) = load_streams(&tx, &touched.streams)?;
-        let stored = load_events(&tx, &touched.event_ids)?;
+        let mut rows = load_streams(&tx, &touched.streams)?;
+        let states = rows
+            .iter()
+            .map(|(s, (_, state))| (s.clone(), *state))
+            .collect();
+        let stored = match lookups {
+            Lookups::Load => load_events(&tx, &touched.event_ids)?,
+            Lookups::Skip => Vec::new(),
+        };
         let next_position = Position(u64::try_from(next_position).unwrap_or(1));
         let mut plan = Plan::new(next_position, now, states, stored);
         let outcomes: Outcomes = ops.into_iter().map(|op| plan.apply(op)).collect();
+        let conflicted = outcomes
+            .iter()
+            .any(|o| matches!(o, Err(StoreError::WrongExpectedVersion { .. })));
+        if matches!(lookups, Lookups::Skip) && conflicted {
+            return Err(Attempt::IdAlreadyStored);
+        }
         let writes = plan.into_writes();
         let head = Position(writes.next_position.0 - 1);
         if !writes.is_empty() {
-            store(&tx, writes, &mut stream_ids)?;
+            store(&tx, writes, &mut rows)?;
         }
         tx.commit().map_err(error::sqlite)?;
         Ok((outcomes, head))
     }
 }
 
-type StreamRows = (HashMap<StreamId, i64>, HashMap<StreamId, StreamState>);
+/// Whether a group is planned with the stored events its ids name.
+#[derive(Debug, Clone, Copy)]
+enum Lookups {
+    Skip,
+    Load,
+}
+
+/// Why one attempt at a group did not commit.
+#[derive(Debug)]
+enum Attempt {
+    /// An event id of the group may already be stored: plan again with lookups.
+    IdAlreadyStored,
+    Failed(StoreError),
+}
+
+impl From<StoreError> for Attempt {
+    fn from(error: StoreError) -> Self {
+        Self::Failed(error)
+    }
+}
+
+/// Whether an insert failed on the unique index of event ids.
+fn is_duplicate_id(error: &rusqlite::Error) -> bool {
+    matches!(
+        error,
+        rusqlite::Error::SqliteFailure(e, Some(message))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE && message.contains("events.event_id")
+    )
+}
+
+/// The stored row id and state of each touched stream that exists.
+type StreamRows = HashMap<StreamId, (i64, StreamState)>;
 
 fn load_streams(tx: &Transaction<'_>, streams: &[StreamId]) -> Result<StreamRows, StoreError> {
-    let mut stmt = tx
-        .prepare_cached("SELECT id, version, truncate_before, deleted FROM streams WHERE name = ?1")
-        .map_err(error::sqlite)?;
-    let mut ids = HashMap::with_capacity(streams.len());
-    let mut states = HashMap::with_capacity(streams.len());
+    let sql = format!(
+        "SELECT s.id, {STREAM_VERSION}, s.truncate_before, s.deleted FROM streams s WHERE s.name = ?1"
+    );
+    let mut stmt = tx.prepare_cached(&sql).map_err(error::sqlite)?;
+    let mut rows = HashMap::with_capacity(streams.len());
     for stream in streams {
         let found = stmt
             .query_row([stream.as_str()], |r| {
-                let version: Option<i64> = r.get(1)?;
                 let state = StreamState {
-                    version: version.map(|v| StreamVersion(u64::try_from(v).unwrap_or_default())),
+                    version: row::version(r, 1)?,
                     truncate_before: StreamVersion(row::counter(r, 2)?),
                     deleted: r.get(3)?,
                 };
@@ -91,12 +158,11 @@ fn load_streams(tx: &Transaction<'_>, streams: &[StreamId]) -> Result<StreamRows
             })
             .optional()
             .map_err(error::sqlite)?;
-        if let Some((id, state)) = found {
-            ids.insert(stream.clone(), id);
-            states.insert(stream.clone(), state);
+        if let Some(found) = found {
+            rows.insert(stream.clone(), found);
         }
     }
-    Ok((ids, states))
+    Ok(rows)
 }
 
 fn load_events(
@@ -120,11 +186,12 @@ fn load_events(
 
 /// Writes what the plan decided: stream rows first (new streams need their ids before
 /// their events), then events, then erasures, then the position counter.
-fn store(
-    tx: &Transaction<'_>,
-    writes: Writes,
-    stream_ids: &mut HashMap<StreamId, i64>,
-) -> Result<(), StoreError> {
+///
+/// A stream's version is derived from its last event (see [`STREAM_VERSION`]), so an
+/// append to an existing stream leaves its row alone: one random page fewer per append.
+/// The row changes only when the stream is created, truncated or deleted, and then
+/// records the version too, for when no event is left to derive it from.
+fn store(tx: &Transaction<'_>, writes: Writes, rows: &mut StreamRows) -> Result<(), Attempt> {
     {
         let mut update = tx
             .prepare_cached(
@@ -139,8 +206,14 @@ fn store(
         for (stream, state) in &writes.streams {
             let version = state.version.map(|v| row::int(v.0)).transpose()?;
             let truncate_before = row::int(state.truncate_before.0)?;
-            match stream_ids.get(stream) {
-                Some(id) => update
+            match rows.get(stream) {
+                Some((_, loaded))
+                    if loaded.truncate_before == state.truncate_before
+                        && loaded.deleted == state.deleted =>
+                {
+                    Ok(())
+                }
+                Some((id, _)) => update
                     .execute(params![id, version, truncate_before, state.deleted])
                     .map(drop),
                 None => insert
@@ -149,7 +222,7 @@ fn store(
                         |r| r.get(0),
                     )
                     .map(|id| {
-                        stream_ids.insert(stream.clone(), id);
+                        rows.insert(stream.clone(), (id, *state));
                     }),
             }
             .map_err(error::sqlite)?;
@@ -164,7 +237,7 @@ fn store(
             )
             .map_err(error::sqlite)?;
         for event in &writes.events {
-            let stream = stream_ids.get(&event.stream_id).ok_or_else(|| {
+            let (stream, _) = rows.get(&event.stream_id).ok_or_else(|| {
                 StoreError::corrupt(format!("no row for stream {}", event.stream_id))
             })?;
             insert
@@ -182,14 +255,20 @@ fn store(
                     event.metadata.user_id,
                     event.recorded_at.unix_micros(),
                 ])
-                .map_err(error::sqlite)?;
+                .map_err(|e| {
+                    if is_duplicate_id(&e) {
+                        Attempt::IdAlreadyStored
+                    } else {
+                        Attempt::Failed(error::sqlite(e))
+                    }
+                })?;
         }
     }
     let mut erase = tx
         .prepare_cached("DELETE FROM events WHERE stream = ?1 AND version < ?2")
         .map_err(error::sqlite)?;
     for erasure in &writes.erasures {
-        let Some(stream) = stream_ids.get(&erasure.stream) else {
+        let Some((stream, _)) = rows.get(&erasure.stream) else {
             continue; // A stream without a row has no events to erase.
         };
         let before = erasure.before.map_or(i64::MAX, |v| row::bound(v.0));
