@@ -1,16 +1,21 @@
 //! The embedded event store: one SQLite file in WAL mode.
 //!
 //! Appends go through one writer thread per store instance, which groups whatever is
-//! queued into one transaction and one fsync (group commit, see [`writer`]). An append
-//! is acknowledged only after its transaction is durable (`synchronous = FULL`). Reads
-//! use a small pool of read-only connections and never wait for the writer. Several
-//! processes may open the same file: SQLite's write lock serialises their writers, so
-//! positions stay gapless and in commit order across them.
+//! queued into one transaction (group commit, see [`writer`]), and a syncer thread
+//! that flushes the WAL and only then acknowledges (see [`syncer`]): the next group is
+//! written while the previous one is flushed. An append is acknowledged only after it
+//! is durable, and readers in this process never see an event of ours before it is
+//! durable (see [`durability`]). Reads use a small pool of read-only connections.
+//! Several processes may open the same file: SQLite's write lock serialises their
+//! writers, so positions stay gapless and in commit order across them. (Another
+//! process can see our commit up to one flush, ~0.1 ms, before it is durable.)
 
+mod durability;
 mod error;
 mod read;
 mod row;
 mod schema;
+mod syncer;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -28,8 +33,10 @@ use eventyr_store::{
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
+use crate::durability::Durability;
 use crate::read::Readers;
 pub use crate::schema::SCHEMA_VERSION;
+use crate::syncer::Syncer;
 use crate::writer::Writer;
 
 /// How to open a [`SqliteStore`]. Plain data; [`SqliteOptions::new`] gives the defaults.
@@ -96,60 +103,110 @@ struct Inner {
     requests: mpsc::Sender<WriteRequest>,
     readers: Arc<Readers>,
     head: Arc<watch::Sender<Position>>,
+    durability: Arc<Durability>,
     limits: Limits,
     path: PathBuf,
 }
 
+/// Committed groups that may wait for the syncer before the writer waits too.
+const SYNC_QUEUE_GROUPS: usize = 64;
+
+/// Opens the write connection, brings the schema up to date, and reads the head.
+fn open_writer_connection(
+    path: &Path,
+    busy_timeout: Duration,
+) -> Result<(Connection, Position), StoreError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::unavailable(format!("cannot create directory {}", dir.display()), e)
+        })?;
+    }
+    let mut conn = Connection::open(path).map_err(error::sqlite)?;
+    schema::configure(&conn, busy_timeout)?;
+    schema::configure_writer(&conn)?;
+    schema::migrate(&mut conn)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    let next_position: i64 = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'next_position'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(error::sqlite)?;
+    Ok((
+        conn,
+        Position(u64::try_from(next_position - 1).unwrap_or_default()),
+    ))
+}
+
+/// Opens the WAL file for the syncer, and makes its directory entry durable.
+fn open_wal(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let file = std::fs::File::open(&wal).map_err(|e| {
+        StoreError::unavailable(
+            format!("cannot open the WAL {}", Path::new(&wal).display()),
+            e,
+        )
+    })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| {
+            StoreError::unavailable(format!("cannot sync directory {}", dir.display()), e)
+        })?;
+    Ok(file)
+}
+
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .map(drop)
+        .map_err(|e| StoreError::unavailable(format!("cannot start the {name} thread"), e))
+}
+
 impl SqliteStore {
-    /// Opens (creating or migrating) the store and starts its writer thread.
+    /// Opens (creating or migrating) the store and starts its writer and syncer
+    /// threads.
     pub fn open(options: SqliteOptions) -> Result<Self, StoreError> {
         options.validate()?;
-        if let Some(dir) = options.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::unavailable(format!("cannot create directory {}", dir.display()), e)
-            })?;
-        }
         let busy_timeout = Duration::from_millis(options.busy_timeout_ms);
-        let mut conn = Connection::open(&options.path).map_err(error::sqlite)?;
-        schema::configure(&conn, busy_timeout)?;
-        schema::configure_writer(&conn)?;
-        schema::migrate(&mut conn)?;
-        conn.set_prepared_statement_cache_capacity(32);
-        let readers = Arc::new(Readers::new(
-            options.path.clone(),
-            busy_timeout,
-            options.readers_max,
-        ));
-        let next_position: i64 = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'next_position'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(error::sqlite)?;
-        let head = Arc::new(watch::Sender::new(Position(
-            u64::try_from(next_position - 1).unwrap_or_default(),
-        )));
+        let (conn, head) = open_writer_connection(&options.path, busy_timeout)?;
+        let wal = open_wal(&options.path)?;
+        let durability = Arc::new(Durability::new(head));
+        let head = Arc::new(watch::Sender::new(head));
+        let (to_syncer, committed) = std::sync::mpsc::sync_channel(SYNC_QUEUE_GROUPS);
+        let syncer = Syncer {
+            wal,
+            groups: committed,
+            durability: Arc::clone(&durability),
+            head: Arc::clone(&head),
+        };
         let (requests, queue) = mpsc::channel(options.queue_ops_max);
         let writer = Writer {
             conn,
             clock: options.clock,
-            head: Arc::clone(&head),
             requests: queue,
             bounds: GroupBounds {
                 ops_max: options.batch_ops_max,
                 events_max: options.batch_events_max,
             },
+            durability: Arc::clone(&durability),
+            syncer: to_syncer,
         };
-        std::thread::Builder::new()
-            .name("eventyr-sqlite-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| StoreError::unavailable("cannot start the writer thread", e))?;
+        spawn("eventyr-sqlite-syncer", move || syncer.run())?;
+        spawn("eventyr-sqlite-writer", move || writer.run())?;
+        let readers = Readers::new(options.path.clone(), busy_timeout, options.readers_max);
         Ok(Self {
             inner: Arc::new(Inner {
                 requests,
-                readers,
+                readers: Arc::new(readers),
                 head,
+                durability,
                 limits: options.limits,
                 path: options.path,
             }),
@@ -186,18 +243,34 @@ impl EventStore for SqliteStore {
         read: ReadStream,
     ) -> Result<StreamSlice, StoreError> {
         let stream = stream.clone();
-        self.inner
+        let slice = self
+            .inner
             .readers
             .run(move |conn| read::read_stream(conn, &stream, read))
-            .await
+            .await?;
+        let newest = slice
+            .events
+            .iter()
+            .map(|e| e.position)
+            .max()
+            .unwrap_or_default();
+        self.inner.durability.wait_for(newest).await?;
+        Ok(slice)
     }
 
     async fn read_all(&self, read: &ReadAll) -> Result<AllSlice, StoreError> {
         let read = read.clone();
-        self.inner
+        let slice = self
+            .inner
             .readers
             .run(move |conn| read::read_all(conn, &read))
-            .await
+            .await?;
+        let newest = slice
+            .events
+            .last()
+            .map_or(slice.head, |e| e.position.max(slice.head));
+        self.inner.durability.wait_for(newest).await?;
+        Ok(slice)
     }
 
     async fn delete_stream(

@@ -1,5 +1,6 @@
 //! The writer: one thread that owns the only write connection of this store instance
-//! and turns its queue into group commits.
+//! and turns its queue into group commits. It commits without flushing; the syncer
+//! (see [`crate::syncer`]) flushes and answers.
 //!
 //! It blocks for the first request, then takes whatever else is already queued (up to
 //! the batch bounds) and runs it all in one `BEGIN IMMEDIATE` transaction, with one
@@ -13,22 +14,27 @@ use std::sync::Arc;
 
 use eventyr_core::{Clock, Position, StreamId, StreamVersion};
 use eventyr_store::StoreError;
-use eventyr_store::group::{GroupBounds, Outcomes, WriteRequest, advance_head, answer, take_group};
+use eventyr_store::group::{GroupBounds, Outcomes, WriteRequest, answer, take_group};
 use eventyr_store::plan::{Plan, StreamState, WriteOp, Writes, touched};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
-use tokio::sync::{mpsc, watch};
+use std::sync::mpsc::{SendError, SyncSender};
+use tokio::sync::mpsc;
 
+use crate::durability::Durability;
 use crate::error;
 use crate::row::{self, EVENT_COLUMNS};
 use crate::schema::STREAM_VERSION;
+use crate::syncer::Committed;
 
 #[derive(Debug)]
 pub struct Writer {
     pub conn: Connection,
     pub clock: Arc<dyn Clock>,
-    pub head: Arc<watch::Sender<Position>>,
     pub requests: mpsc::Receiver<WriteRequest>,
     pub bounds: GroupBounds,
+    pub durability: Arc<Durability>,
+    /// Committed groups go to the syncer, which answers them once they are durable.
+    pub syncer: SyncSender<Committed>,
 }
 
 impl Writer {
@@ -36,11 +42,20 @@ impl Writer {
     pub fn run(mut self) {
         while let Some(first) = self.requests.blocking_recv() {
             let (ops, replies) = take_group(first, &mut self.requests, self.bounds);
-            let result = self.write(ops).map(|(outcomes, head)| {
-                advance_head(&self.head, head);
-                outcomes
-            });
-            answer(replies, result);
+            let written = self.durability.check().and_then(|()| self.write(ops));
+            match written {
+                Ok((outcomes, head)) => {
+                    let group = Committed {
+                        replies,
+                        outcomes,
+                        head,
+                    };
+                    if let Err(SendError(group)) = self.syncer.send(group) {
+                        answer(group.replies, Err(StoreError::Closed));
+                    }
+                }
+                Err(error) => answer(replies, Err(error)),
+            }
         }
     }
 
@@ -102,7 +117,13 @@ impl Writer {
         if !writes.is_empty() {
             store(&tx, writes, &mut rows)?;
         }
-        tx.commit().map_err(error::sqlite)?;
+        // Readers must know before the commit makes these positions visible that they
+        // are not durable yet.
+        let previous = self.durability.committing(head);
+        tx.commit().map_err(|e| {
+            self.durability.commit_failed(previous);
+            error::sqlite(e)
+        })?;
         Ok((outcomes, head))
     }
 }
