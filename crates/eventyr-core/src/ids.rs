@@ -3,6 +3,7 @@
 //! is always well-formed.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -81,13 +82,15 @@ impl fmt::Display for EventId {
 }
 
 /// Declares a validated string name type with the same shape: `new` validates,
-/// `from_stored` trusts a value the store validated when it was written.
+/// `from_stored` trusts a value the store validated when it was written. The text is
+/// shared (`Arc<str>`): every event of a stream carries its name, and a clone is a
+/// reference count, not an allocation.
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr, reserve_dollar = $reserve:expr) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             pub fn new(value: impl Into<String>) -> Result<Self, ValidationError> {
@@ -96,21 +99,17 @@ macro_rules! name_type {
                 if $reserve && value.starts_with('$') {
                     return Err(ValidationError::Reserved { field: $field, value });
                 }
-                Ok(Self(value))
+                Ok(Self(value.into()))
             }
 
             /// Wraps a value that was validated when it was written. Storage backends
             /// use it on their read path; everything else uses [`Self::new`].
-            pub fn from_stored(value: String) -> Self {
-                Self(value)
+            pub fn from_stored(value: &str) -> Self {
+                Self(value.into())
             }
 
             pub fn as_str(&self) -> &str {
                 &self.0
-            }
-
-            pub fn into_string(self) -> String {
-                self.0
             }
         }
 
@@ -130,7 +129,7 @@ macro_rules! name_type {
 
         impl From<$name> for String {
             fn from(value: $name) -> Self {
-                value.0
+                value.0.to_string()
             }
         }
 

@@ -93,7 +93,7 @@ pub async fn read_all(
             break; // The lateral join found no events: one row of NULLs.
         }
         let name: String = r.try_get(12).map_err(error::postgres)?;
-        events.push(row::event(r, 1, StreamId::from_stored(name))?);
+        events.push(row::event(r, 1, StreamId::from_stored(&name))?);
     }
     let next = match events.last() {
         Some(last) if events.len() == limit => last.position.next(),

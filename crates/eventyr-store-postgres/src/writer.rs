@@ -227,13 +227,13 @@ async fn write_group(
             truncate_before: StreamVersion(u64::try_from(truncate_before).unwrap_or_default()),
             deleted: r.try_get(4).map_err(error::postgres)?,
         };
-        states.insert(StreamId::from_stored(name), state);
+        states.insert(StreamId::from_stored(&name), state);
     }
     let stored = event_rows
         .iter()
         .map(|r| {
             let name: String = r.try_get(EVENT_COLUMN_COUNT).map_err(error::postgres)?;
-            row::event(r, 0, StreamId::from_stored(name))
+            row::event(r, 0, StreamId::from_stored(&name))
         })
         .collect::<Result<Vec<RecordedEvent>, StoreError>>()?;
 

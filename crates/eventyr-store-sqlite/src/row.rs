@@ -11,11 +11,20 @@ use rusqlite::types::Type;
 pub const EVENT_COLUMNS: &str = "e.position, e.event_id, e.version, e.type, e.schema_version, e.data, \
      e.correlation_id, e.causation_id, e.traceparent, e.user_id, e.recorded_at";
 
-/// The column after [`EVENT_COLUMNS`] where reads that join `streams` put its name.
-pub const STREAM_NAME_COLUMN: usize = 11;
+/// The column after [`EVENT_COLUMNS`] where a read puts the stream's row id or name.
+pub const STREAM_COLUMN: usize = 11;
 
-/// Decodes an event row of a stream whose id the caller knows.
-pub fn event(row: &Row<'_>, stream_id: StreamId) -> rusqlite::Result<RecordedEvent> {
+/// A text column, borrowed from the row.
+pub fn text<'r>(row: &'r Row<'_>, index: usize) -> rusqlite::Result<&'r str> {
+    row.get_ref(index)?.as_str().map_err(rusqlite::Error::from)
+}
+
+/// Decodes an event row whose stream and type the caller resolved.
+pub fn event(
+    row: &Row<'_>,
+    stream_id: StreamId,
+    event_type: EventType,
+) -> rusqlite::Result<RecordedEvent> {
     let id: [u8; 16] = row.get(1)?;
     let id = EventId::from_bytes(&id)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, Type::Blob, Box::new(e)))?;
@@ -24,7 +33,7 @@ pub fn event(row: &Row<'_>, stream_id: StreamId) -> rusqlite::Result<RecordedEve
         stream_id,
         version: StreamVersion(counter(row, 2)?),
         position: Position(counter(row, 0)?),
-        event_type: EventType::from_stored(row.get(3)?),
+        event_type,
         schema_version: row.get(4)?,
         data: Json::from_stored(row.get::<_, Vec<u8>>(5)?),
         metadata: Metadata {
@@ -37,10 +46,10 @@ pub fn event(row: &Row<'_>, stream_id: StreamId) -> rusqlite::Result<RecordedEve
     })
 }
 
-/// Decodes an event row that carries its stream's name at [`STREAM_NAME_COLUMN`].
+/// Decodes an event row that carries its stream's name at [`STREAM_COLUMN`].
 pub fn event_with_stream(row: &Row<'_>) -> rusqlite::Result<RecordedEvent> {
-    let stream = StreamId::from_stored(row.get(STREAM_NAME_COLUMN)?);
-    event(row, stream)
+    let stream = StreamId::from_stored(text(row, STREAM_COLUMN)?);
+    event(row, stream, EventType::from_stored(text(row, 3)?))
 }
 
 /// Reads a non-negative integer column as a counter.
