@@ -1,6 +1,12 @@
 //! The read side: pooled connections, one statement per read. Each read is a single
 //! statement, so it sees one snapshot: the head and the events below it, or a stream's
 //! row and its events, always agree.
+//!
+//! Every read names an explicit key window no wider than its limit: positions
+//! `[from, from + limit)` for `$all`, versions `[from, from ± limit]` for a stream. So a
+//! read costs O(limit) whatever plan PostgreSQL picks; without the window, a store that
+//! grew faster than autovacuum analyses it gets a scan-and-sort of everything from
+//! `from` to the head for every page, and reading `$all` turns quadratic.
 
 use eventyr_core::{Position, StreamId, StreamVersion};
 use eventyr_store::{AllSlice, Direction, ReadAll, ReadStream, StoreError, StreamSlice};
@@ -19,10 +25,11 @@ pub struct ReadSql {
 
 impl ReadSql {
     pub fn new(s: &str) -> Self {
-        let stream = |condition: &str, order: &str| {
+        // $2 = from, $3 = the number of versions in the window.
+        let stream = |window: &str, order: &str| {
             format!(
                 "SELECT st.version, st.deleted, x.* FROM {s}.streams st LEFT JOIN LATERAL ( \
-                 SELECT {EVENT_COLUMNS} FROM {s}.events e WHERE e.stream_id = st.id AND {condition} \
+                 SELECT {EVENT_COLUMNS} FROM {s}.events e WHERE e.stream_id = st.id AND {window} \
                  ORDER BY e.version {order} LIMIT $3) x ON true WHERE st.name = $1"
             )
         };
@@ -33,13 +40,21 @@ impl ReadSql {
                 "SELECT h.head, x.* FROM (SELECT next_position - 1 AS head FROM {s}.position WHERE id = 1) h \
                  LEFT JOIN LATERAL ( \
                  SELECT {EVENT_COLUMNS}, st.name FROM {s}.events e JOIN {s}.streams st ON st.id = e.stream_id \
-                 WHERE e.position >= $1 AND e.position <= h.head \
+                 WHERE e.position >= $1 AND e.position <= LEAST(h.head, $5) \
                  AND ($3::text IS NULL OR starts_with(e.type, $3)) \
                  AND ($4::text IS NULL OR starts_with(st.name, $4)) \
                  ORDER BY e.position LIMIT $2) x ON true"
             ),
-            forwards: stream("e.version >= $2", "ASC"),
-            backwards: stream("e.version <= $2", "DESC"),
+            // The upper bound saturates instead of overflowing bigint.
+            forwards: stream(
+                "e.version >= $2 AND e.version <= $2 + LEAST($3::bigint - 1, 9223372036854775807 - $2::bigint)",
+                "ASC",
+            ),
+            // Anchored at the stream's last version, so "from the end" (u64::MAX) works.
+            backwards: stream(
+                "e.version <= LEAST($2::bigint, st.version) AND e.version > LEAST($2::bigint, st.version) - $3::bigint",
+                "DESC",
+            ),
             head: format!("SELECT next_position - 1 FROM {s}.position WHERE id = 1"),
         }
     }
@@ -50,10 +65,11 @@ pub async fn read_all(
     sql: &ReadSql,
     read: &ReadAll,
 ) -> Result<AllSlice, StoreError> {
-    let statement = client
-        .prepare_cached(&sql.all)
-        .await
-        .map_err(error::postgres)?;
+    // Prepared for this read, not cached: planned with its parameters. A generic plan
+    // for this join can walk a whole index per page (measured: 30 ms per 10 000
+    // events for the first five pages, 560 ms for every page after); planning costs
+    // well under a millisecond for up to 10 000 events.
+    let statement = client.prepare(&sql.all).await.map_err(error::postgres)?;
     let limit = read.effective_limit();
     let from = read.from.max(Position::FIRST);
     let type_prefix = read
@@ -66,6 +82,8 @@ pub async fn read_all(
         .stream_prefix
         .as_deref()
         .filter(|p| !p.is_empty());
+    // The last position this read may look at: at most `limit` positions.
+    let window_end = row::bound(from.0.saturating_add(limit as u64 - 1));
     let rows = client
         .query(
             &statement,
@@ -74,6 +92,7 @@ pub async fn read_all(
                 &(limit as i64),
                 &type_prefix,
                 &stream_prefix,
+                &window_end,
             ],
         )
         .await
@@ -97,7 +116,10 @@ pub async fn read_all(
     }
     let next = match events.last() {
         Some(last) if events.len() == limit => last.position.next(),
-        _ => head.next().max(from),
+        // Everything up to the end of the window (or the head) has been considered.
+        _ => Position(head.0.min(u64::try_from(window_end).unwrap_or(u64::MAX)))
+            .next()
+            .max(from),
     };
     Ok(AllSlice { events, next, head })
 }
@@ -114,14 +136,14 @@ pub async fn read_stream(
     };
     let statement = client.prepare_cached(text).await.map_err(error::postgres)?;
     let limit = read.effective_limit();
+    // Versions within a stream have no holes (only a truncated prefix), so a window of
+    // limit + 1 versions holds every event this read can return, plus one to tell
+    // whether the stream goes on.
+    let span = limit as i64 + 1;
     let rows = client
         .query(
             &statement,
-            &[
-                &stream.as_str(),
-                &row::bound(read.from.0),
-                &(limit as i64 + 1),
-            ],
+            &[&stream.as_str(), &row::bound(read.from.0), &span],
         )
         .await
         .map_err(error::postgres)?;
