@@ -198,12 +198,7 @@ impl EventStore for PostgresStore {
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<AppendResult>, StoreError> {
         validate_appends(&appends, &self.inner.limits)?;
-        match self.write(WriteOp::Append(appends)).await? {
-            WriteOutcome::Appended(results) => Ok(results),
-            other => Err(StoreError::corrupt(format!(
-                "an append was answered with {other:?}"
-            ))),
-        }
+        self.write(WriteOp::Append(appends)).await?.into_appended()
     }
 
     async fn read_stream(
@@ -223,10 +218,7 @@ impl EventStore for PostgresStore {
         stream: &StreamId,
         expected: ExpectedVersion,
     ) -> Result<(), StoreError> {
-        let op = WriteOp::Delete {
-            stream: stream.clone(),
-            expected,
-        };
+        let op = WriteOp::delete(stream, expected);
         self.write(op).await.map(drop)
     }
 
@@ -235,10 +227,7 @@ impl EventStore for PostgresStore {
         stream: &StreamId,
         before: StreamVersion,
     ) -> Result<(), StoreError> {
-        let op = WriteOp::Truncate {
-            stream: stream.clone(),
-            before,
-        };
+        let op = WriteOp::truncate(stream, before);
         self.write(op).await.map(drop)
     }
 

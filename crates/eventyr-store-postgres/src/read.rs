@@ -72,16 +72,8 @@ pub async fn read_all(
     let statement = client.prepare(&sql.all).await.map_err(error::postgres)?;
     let limit = read.effective_limit();
     let from = read.from.max(Position::FIRST);
-    let type_prefix = read
-        .filter
-        .event_type_prefix
-        .as_deref()
-        .filter(|p| !p.is_empty());
-    let stream_prefix = read
-        .filter
-        .stream_prefix
-        .as_deref()
-        .filter(|p| !p.is_empty());
+    let type_prefix = read.filter.active_type_prefix();
+    let stream_prefix = read.filter.active_stream_prefix();
     // The last position this read may look at: at most `limit` positions.
     let window_end = row::bound(from.0.saturating_add(limit as u64 - 1));
     let rows = client

@@ -228,16 +228,8 @@ pub fn read_all(read_conn: &mut ReadConnection, read: &ReadAll) -> Result<AllSli
     let limit = read.effective_limit();
     let fetch = i64::try_from(limit).unwrap_or(i64::MAX);
     let (from_i, head_i) = (row::bound(from.0), row::bound(head.0));
-    let type_prefix = read
-        .filter
-        .event_type_prefix
-        .as_deref()
-        .filter(|p| !p.is_empty());
-    let stream_prefix = read
-        .filter
-        .stream_prefix
-        .as_deref()
-        .filter(|p| !p.is_empty());
+    let type_prefix = read.filter.active_type_prefix();
+    let stream_prefix = read.filter.active_stream_prefix();
     let mut events =
         Vec::with_capacity(limit.min(usize::try_from(head.0 - from.0 + 1).unwrap_or(limit)));
     let mut push = |r: &Row<'_>| -> rusqlite::Result<()> {

@@ -151,12 +151,7 @@ impl EventStore for MemoryStore {
         appends: Vec<StreamAppend>,
     ) -> Result<Vec<AppendResult>, StoreError> {
         validate_appends(&appends, &self.limits)?;
-        match self.write(WriteOp::Append(appends))? {
-            WriteOutcome::Appended(results) => Ok(results),
-            other => Err(StoreError::corrupt(format!(
-                "an append was answered with {other:?}"
-            ))),
-        }
+        self.write(WriteOp::Append(appends))?.into_appended()
     }
 
     async fn read_stream(
@@ -236,11 +231,7 @@ impl EventStore for MemoryStore {
         stream: &StreamId,
         expected: ExpectedVersion,
     ) -> Result<(), StoreError> {
-        self.write(WriteOp::Delete {
-            stream: stream.clone(),
-            expected,
-        })
-        .map(drop)
+        self.write(WriteOp::delete(stream, expected)).map(drop)
     }
 
     async fn truncate_stream(
@@ -248,11 +239,7 @@ impl EventStore for MemoryStore {
         stream: &StreamId,
         before: StreamVersion,
     ) -> Result<(), StoreError> {
-        self.write(WriteOp::Truncate {
-            stream: stream.clone(),
-            before,
-        })
-        .map(drop)
+        self.write(WriteOp::truncate(stream, before)).map(drop)
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

@@ -36,12 +36,41 @@ pub enum WriteOp {
     },
 }
 
+impl WriteOp {
+    pub fn delete(stream: &StreamId, expected: ExpectedVersion) -> Self {
+        Self::Delete {
+            stream: stream.clone(),
+            expected,
+        }
+    }
+
+    pub fn truncate(stream: &StreamId, before: StreamVersion) -> Self {
+        Self::Truncate {
+            stream: stream.clone(),
+            before,
+        }
+    }
+}
+
 /// What a successful [`WriteOp`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOutcome {
     Appended(Vec<AppendResult>),
     Deleted,
     Truncated,
+}
+
+impl WriteOutcome {
+    /// The results of an append op. Any other outcome means a backend answered an
+    /// append with the outcome of another op, which breaks an invariant.
+    pub fn into_appended(self) -> Result<Vec<AppendResult>, StoreError> {
+        match self {
+            Self::Appended(results) => Ok(results),
+            other => Err(StoreError::corrupt(format!(
+                "an append was answered with {other:?}"
+            ))),
+        }
+    }
 }
 
 /// A stream's bookkeeping. A stream that was never written has the default state.

@@ -178,19 +178,26 @@ impl Filter {
         }
     }
 
+    /// The event type prefix, if it restricts anything (an empty one does not).
+    pub fn active_type_prefix(&self) -> Option<&str> {
+        self.event_type_prefix.as_deref().filter(|p| !p.is_empty())
+    }
+
+    /// The stream prefix, if it restricts anything (an empty one does not).
+    pub fn active_stream_prefix(&self) -> Option<&str> {
+        self.stream_prefix.as_deref().filter(|p| !p.is_empty())
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.event_type_prefix.as_deref().is_none_or(str::is_empty)
-            && self.stream_prefix.as_deref().is_none_or(str::is_empty)
+        self.active_type_prefix().is_none() && self.active_stream_prefix().is_none()
     }
 
     pub fn matches(&self, event: &RecordedEvent) -> bool {
         let type_ok = self
-            .event_type_prefix
-            .as_deref()
+            .active_type_prefix()
             .is_none_or(|p| event.event_type.as_str().starts_with(p));
         let stream_ok = self
-            .stream_prefix
-            .as_deref()
+            .active_stream_prefix()
             .is_none_or(|p| event.stream_id.as_str().starts_with(p));
         type_ok && stream_ok
     }
