@@ -1,7 +1,8 @@
-//! `eventyr-testkit servers postgres`: starts throwaway servers for a whole test run,
-//! prints one `NAME=VALUE` line per server for the environment, then `ready`, and keeps
-//! them running until its standard input closes. `scripts/test` runs it as a
-//! coprocess.
+//! `servers postgres`: starts throwaway servers for a whole test run, prints one
+//! `NAME=VALUE` line per server for the environment, then `ready`, and keeps them
+//! running until its standard input closes. `scripts/test` builds it with
+//! `cargo build -p eventyr-testkit --example servers` and runs it as a coprocess. (An
+//! example, not a binary, so that `cargo run` in the workspace runs `eventyr`.)
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -9,17 +10,14 @@ use std::process::ExitCode;
 use eventyr_testkit::{PostgresOptions, PostgresServer};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (Some("servers"), kinds) = (
-        args.first().map(String::as_str),
-        args.get(1..).unwrap_or_default(),
-    ) else {
-        eprintln!("usage: eventyr-testkit servers postgres");
+    let kinds: Vec<String> = std::env::args().skip(1).collect();
+    if kinds.is_empty() {
+        eprintln!("usage: servers postgres");
         return ExitCode::from(2);
-    };
+    }
     let mut servers = Vec::new();
     let mut stdout = std::io::stdout();
-    for kind in kinds {
+    for kind in &kinds {
         match kind.as_str() {
             "postgres" => match PostgresServer::start(&PostgresOptions::default()) {
                 Ok(server) => {
@@ -31,12 +29,12 @@ fn main() -> ExitCode {
                     servers.push(server);
                 }
                 Err(error) => {
-                    eprintln!("eventyr-testkit: cannot start postgres: {error}");
+                    eprintln!("servers: cannot start postgres: {error}");
                     return ExitCode::FAILURE;
                 }
             },
             other => {
-                eprintln!("eventyr-testkit: unknown server {other:?} (known: postgres)");
+                eprintln!("servers: unknown server {other:?} (known: postgres)");
                 return ExitCode::from(2);
             }
         }
