@@ -20,6 +20,8 @@ pub struct Limits {
     pub append_events_max: usize,
     /// The most bytes one append call may carry, over all its events. Default 64 MiB.
     pub append_size_max_bytes: usize,
+    /// The largest aggregate snapshot, in bytes. Default 16 MiB.
+    pub snapshot_size_max_bytes: usize,
 }
 
 impl Default for Limits {
@@ -28,6 +30,7 @@ impl Default for Limits {
             event_size_max_bytes: 1024 * 1024,
             append_events_max: 10_000,
             append_size_max_bytes: 64 * 1024 * 1024,
+            snapshot_size_max_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -80,6 +83,10 @@ pub enum ValidationError {
     DuplicateStream { stream: StreamId },
     #[error("an atomic append must name at least one stream")]
     NothingToAppend,
+    #[error("the snapshot is {size} bytes, the limit is {max}")]
+    SnapshotTooLarge { size: usize, max: usize },
+    #[error("a snapshot at version {snapshot} is ahead of its stream, which is at {stream}")]
+    SnapshotAhead { snapshot: u64, stream: u64 },
 }
 
 impl ValidationError {
@@ -100,6 +107,7 @@ impl ValidationError {
             }
             Self::DuplicateEventId { .. } => "id",
             Self::DuplicateStream { .. } | Self::NothingToAppend => "stream",
+            Self::SnapshotTooLarge { .. } | Self::SnapshotAhead { .. } => "snapshot",
         }
     }
 }

@@ -24,12 +24,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use eventyr_core::{Clock, Limits, Position, StreamId, StreamVersion, SystemClock};
+use eventyr_core::{
+    Clock, EventId, Limits, Position, RecordedEvent, StreamId, StreamVersion, SystemClock,
+};
 use eventyr_store::group::{GroupBounds, WriteRequest, submit};
 use eventyr_store::plan::{WriteOp, WriteOutcome};
 use eventyr_store::{
-    AllSlice, AppendResult, EventStore, ExpectedVersion, ReadAll, ReadStream, StoreError,
-    StreamAppend, StreamSlice, validate_appends,
+    AllSlice, AppendResult, EventStore, ExpectedVersion, NewSnapshot, ReadAll, ReadStream,
+    Snapshot, StoreError, StreamAppend, StreamSlice, validate_appends, validate_snapshot,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Config, NoTls};
@@ -229,6 +231,19 @@ impl EventStore for PostgresStore {
     ) -> Result<(), StoreError> {
         let op = WriteOp::truncate(stream, before);
         self.write(op).await.map(drop)
+    }
+
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>, StoreError> {
+        read::read_event(&self.reader().await?, &self.inner.sql, id).await
+    }
+
+    async fn save_snapshot(&self, snapshot: NewSnapshot) -> Result<(), StoreError> {
+        validate_snapshot(&snapshot, &self.inner.limits)?;
+        self.write(WriteOp::SaveSnapshot(snapshot)).await.map(drop)
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        read::load_snapshot(&self.reader().await?, &self.inner.sql, stream).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

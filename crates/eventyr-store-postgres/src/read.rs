@@ -8,11 +8,13 @@
 //! grew faster than autovacuum analyses it gets a scan-and-sort of everything from
 //! `from` to the head for every page, and reading `$all` turns quadratic.
 
-use eventyr_core::{Position, StreamId, StreamVersion};
-use eventyr_store::{AllSlice, Direction, ReadAll, ReadStream, StoreError, StreamSlice};
+use std::time::SystemTime;
+
+use eventyr_core::{EventId, Json, Position, RecordedEvent, StreamId, StreamVersion, Timestamp};
+use eventyr_store::{AllSlice, Direction, ReadAll, ReadStream, Snapshot, StoreError, StreamSlice};
 
 use crate::error;
-use crate::row::{self, EVENT_COLUMNS};
+use crate::row::{self, EVENT_COLUMN_COUNT, EVENT_COLUMNS};
 
 /// The read statements of one schema.
 #[derive(Debug)]
@@ -21,6 +23,8 @@ pub struct ReadSql {
     forwards: String,
     backwards: String,
     head: String,
+    event: String,
+    snapshot: String,
 }
 
 impl ReadSql {
@@ -56,6 +60,14 @@ impl ReadSql {
                 "DESC",
             ),
             head: format!("SELECT next_position - 1 FROM {s}.position WHERE id = 1"),
+            event: format!(
+                "SELECT {EVENT_COLUMNS}, st.name FROM {s}.events e \
+                 JOIN {s}.streams st ON st.id = e.stream_id WHERE e.event_id = $1"
+            ),
+            snapshot: format!(
+                "SELECT sn.version, sn.schema_version, sn.data, sn.taken_at FROM {s}.snapshots sn \
+                 JOIN {s}.streams st ON st.id = sn.stream_id WHERE st.name = $1"
+            ),
         }
     }
 }
@@ -185,4 +197,55 @@ pub async fn head(
         .map_err(error::postgres)?;
     let head: i64 = row.try_get(0).map_err(error::postgres)?;
     Ok(Position(u64::try_from(head).unwrap_or(0)))
+}
+
+pub async fn read_event(
+    client: &deadpool_postgres::Client,
+    sql: &ReadSql,
+    id: EventId,
+) -> Result<Option<RecordedEvent>, StoreError> {
+    let statement = client
+        .prepare_cached(&sql.event)
+        .await
+        .map_err(error::postgres)?;
+    let rows = client
+        .query(&statement, &[&id.as_uuid()])
+        .await
+        .map_err(error::postgres)?;
+    let Some(r) = rows.first() else {
+        return Ok(None);
+    };
+    let name: &str = r.try_get(EVENT_COLUMN_COUNT).map_err(error::postgres)?;
+    row::event(r, 0, StreamId::from_stored(name)).map(Some)
+}
+
+pub async fn load_snapshot(
+    client: &deadpool_postgres::Client,
+    sql: &ReadSql,
+    stream: &StreamId,
+) -> Result<Option<Snapshot>, StoreError> {
+    let statement = client
+        .prepare_cached(&sql.snapshot)
+        .await
+        .map_err(error::postgres)?;
+    let rows = client
+        .query(&statement, &[&stream.as_str()])
+        .await
+        .map_err(error::postgres)?;
+    let Some(r) = rows.first() else {
+        return Ok(None);
+    };
+    let counter = |index: usize| -> Result<u64, StoreError> {
+        let value: i64 = r.try_get(index).map_err(error::postgres)?;
+        u64::try_from(value).map_err(|_| StoreError::corrupt("a negative snapshot counter"))
+    };
+    let taken_at: SystemTime = r.try_get(3).map_err(error::postgres)?;
+    Ok(Some(Snapshot {
+        stream: stream.clone(),
+        version: StreamVersion(counter(0)?),
+        schema_version: u32::try_from(counter(1)?)
+            .map_err(|_| StoreError::corrupt("snapshot schema version"))?,
+        data: Json::from_stored(r.try_get::<_, Vec<u8>>(2).map_err(error::postgres)?),
+        taken_at: Timestamp::from_system_time(taken_at),
+    }))
 }

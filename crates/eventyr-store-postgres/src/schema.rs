@@ -11,7 +11,8 @@ use crate::error;
 use eventyr_store::StoreError;
 
 /// Migrations in order; the index + 1 is the schema version they bring.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE {schema}.position (
     id            integer PRIMARY KEY CHECK (id = 1),
     next_position bigint NOT NULL
@@ -41,7 +42,17 @@ CREATE TABLE {schema}.events (
     recorded_at    timestamptz NOT NULL,
     UNIQUE (stream_id, version)
 );
-"];
+",
+    "
+CREATE TABLE {schema}.snapshots (
+    stream_id      bigint PRIMARY KEY,
+    version        bigint NOT NULL,
+    schema_version bigint NOT NULL,
+    data           bytea NOT NULL,
+    taken_at       timestamptz NOT NULL
+);
+",
+];
 
 /// The schema version this code writes and reads.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use eventyr_core::{Clock, EventId, Position, RecordedEvent, StreamId, StreamVersion};
+use eventyr_store::Snapshot;
 use eventyr_store::StoreError;
 use eventyr_store::group::{GroupBounds, Outcomes, WriteRequest, advance_head, answer, take_group};
-use eventyr_store::plan::{Plan, StreamState, WriteOp, Writes, touched};
+use eventyr_store::plan::{Erasure, Plan, StreamState, WriteOp, Writes, touched};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, NoTls, Statement};
@@ -42,6 +43,8 @@ struct Statements {
     upsert_streams: Statement,
     insert_events: Statement,
     erase: Statement,
+    save_snapshots: Statement,
+    erase_snapshots: Statement,
     set_position: Statement,
     notify: Statement,
 }
@@ -165,6 +168,20 @@ async fn prepare(client: &Client, schema: &str) -> Result<Statements, StoreError
             "DELETE FROM {s}.events e USING {s}.streams st, UNNEST($1::text[], $2::int8[]) AS u(stream, before) \
              WHERE st.name = u.stream AND e.stream_id = st.id AND e.version < u.before"
         ),
+        format!(
+            "INSERT INTO {s}.snapshots (stream_id, version, schema_version, data, taken_at) \
+             SELECT st.id, u.version, u.schema_version, u.data, u.taken_at \
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::timestamptz[]) \
+             AS u(stream, version, schema_version, data, taken_at) \
+             JOIN {s}.streams st ON st.name = u.stream \
+             ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, \
+             schema_version = EXCLUDED.schema_version, data = EXCLUDED.data, taken_at = EXCLUDED.taken_at \
+             WHERE EXCLUDED.version >= {s}.snapshots.version"
+        ),
+        format!(
+            "DELETE FROM {s}.snapshots sn USING {s}.streams st, UNNEST($1::text[]) AS u(stream) \
+             WHERE st.name = u.stream AND sn.stream_id = st.id"
+        ),
         format!("UPDATE {s}.position SET next_position = $1 WHERE id = 1"),
         "SELECT pg_notify($1, $2)".to_owned(),
     ];
@@ -180,9 +197,11 @@ async fn prepare(client: &Client, schema: &str) -> Result<Statements, StoreError
         upsert_streams,
         insert_events,
         erase,
+        save_snapshots,
+        erase_snapshots,
         set_position,
         notify,
-    ] = <[Statement; 10]>::try_from(prepared)
+    ] = <[Statement; 12]>::try_from(prepared)
         .map_err(|_| StoreError::corrupt("statement count"))?;
     Ok(Statements {
         begin,
@@ -193,6 +212,8 @@ async fn prepare(client: &Client, schema: &str) -> Result<Statements, StoreError
         upsert_streams,
         insert_events,
         erase,
+        save_snapshots,
+        erase_snapshots,
         set_position,
         notify,
     })
@@ -298,12 +319,9 @@ async fn store(
         .map(|e| e.recorded_at.to_system_time())
         .collect();
 
-    let erased_streams: Vec<&str> = writes.erasures.iter().map(|e| e.stream.as_str()).collect();
-    let erased_before: Vec<i64> = writes
-        .erasures
-        .iter()
-        .map(|e| e.before.map_or(i64::MAX, |v| row::bound(v.0)))
-        .collect();
+    let (erased_streams, erased_before, erased_whole) = erasure_params(&writes.erasures);
+    let (snapshot_streams, snapshot_versions, snapshot_schemas, snapshot_data, snapshot_times) =
+        snapshot_params(&writes.snapshots)?;
     let next_position = row::int(writes.next_position.0)?;
     let head = (writes.next_position.0 - 1).to_string();
 
@@ -323,15 +341,84 @@ async fn store(
         &recorded,
     ];
     let erase: Params<'_, 2> = [&erased_streams, &erased_before];
+    let erase_whole: Params<'_, 1> = [&erased_whole];
+    let snapshots: Params<'_, 5> = [
+        &snapshot_streams,
+        &snapshot_versions,
+        &snapshot_schemas,
+        &snapshot_data,
+        &snapshot_times,
+    ];
     let position: Params<'_, 1> = [&next_position];
     let notify: Params<'_, 2> = [&channel, &head];
-    futures::try_join!(
-        client.execute(&st.upsert_streams, &upsert),
-        client.execute(&st.insert_events, &insert),
-        client.execute(&st.erase, &erase),
-        client.execute(&st.set_position, &position),
-        client.execute(&st.notify, &notify),
+    // Only the statements this group needs, sent as one pipeline in this order.
+    let mut pipeline: Vec<(&Statement, &[&(dyn ToSql + Sync)])> = Vec::with_capacity(7);
+    if !writes.streams.is_empty() {
+        pipeline.push((&st.upsert_streams, &upsert));
+    }
+    if !writes.events.is_empty() {
+        pipeline.push((&st.insert_events, &insert));
+    }
+    if !writes.snapshots.is_empty() {
+        pipeline.push((&st.save_snapshots, &snapshots));
+    }
+    if !writes.erasures.is_empty() {
+        pipeline.push((&st.erase, &erase));
+        pipeline.push((&st.erase_snapshots, &erase_whole));
+    }
+    pipeline.push((&st.set_position, &position));
+    pipeline.push((&st.notify, &notify));
+    futures::future::try_join_all(
+        pipeline
+            .into_iter()
+            .map(|(statement, params)| client.execute(statement, params)),
     )
+    .await
     .map_err(error::postgres)?;
     Ok(())
+}
+
+type ErasureParams<'a> = (Vec<&'a str>, Vec<i64>, Vec<&'a str>);
+
+/// Erasures as arrays: every erased stream with its bound, and the streams erased whole
+/// (whose snapshots go too).
+fn erasure_params(erasures: &[Erasure]) -> ErasureParams<'_> {
+    let streams = erasures.iter().map(|e| e.stream.as_str()).collect();
+    let before = erasures
+        .iter()
+        .map(|e| e.before.map_or(i64::MAX, |v| row::bound(v.0)))
+        .collect();
+    let whole = erasures
+        .iter()
+        .filter(|e| e.before.is_none())
+        .map(|e| e.stream.as_str())
+        .collect();
+    (streams, before, whole)
+}
+
+type SnapshotParams<'a> = (
+    Vec<&'a str>,
+    Vec<i64>,
+    Vec<i64>,
+    Vec<&'a [u8]>,
+    Vec<SystemTime>,
+);
+
+fn snapshot_params(snapshots: &[Snapshot]) -> Result<SnapshotParams<'_>, StoreError> {
+    Ok((
+        snapshots.iter().map(|s| s.stream.as_str()).collect(),
+        snapshots
+            .iter()
+            .map(|s| row::int(s.version.0))
+            .collect::<Result<_, _>>()?,
+        snapshots
+            .iter()
+            .map(|s| i64::from(s.schema_version))
+            .collect(),
+        snapshots.iter().map(|s| s.data.as_bytes()).collect(),
+        snapshots
+            .iter()
+            .map(|s| s.taken_at.to_system_time())
+            .collect(),
+    ))
 }

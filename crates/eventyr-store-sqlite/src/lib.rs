@@ -23,12 +23,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eventyr_core::{Clock, Limits, Position, StreamId, StreamVersion, SystemClock};
+use eventyr_core::{
+    Clock, EventId, Limits, Position, RecordedEvent, StreamId, StreamVersion, SystemClock,
+};
 use eventyr_store::group::{GroupBounds, WriteRequest, submit};
 use eventyr_store::plan::{WriteOp, WriteOutcome};
 use eventyr_store::{
-    AllSlice, AppendResult, EventStore, ExpectedVersion, ReadAll, ReadStream, StoreError,
-    StreamAppend, StreamSlice, validate_appends,
+    AllSlice, AppendResult, EventStore, ExpectedVersion, NewSnapshot, ReadAll, ReadStream,
+    Snapshot, StoreError, StreamAppend, StreamSlice, validate_appends, validate_snapshot,
 };
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
@@ -284,6 +286,31 @@ impl EventStore for SqliteStore {
     ) -> Result<(), StoreError> {
         let op = WriteOp::truncate(stream, before);
         self.write(op).await.map(drop)
+    }
+
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>, StoreError> {
+        let event = self
+            .inner
+            .readers
+            .run(move |conn| read::read_event(conn, id))
+            .await?;
+        if let Some(event) = &event {
+            self.inner.durability.wait_for(event.position).await?;
+        }
+        Ok(event)
+    }
+
+    async fn save_snapshot(&self, snapshot: NewSnapshot) -> Result<(), StoreError> {
+        validate_snapshot(&snapshot, &self.inner.limits)?;
+        self.write(WriteOp::SaveSnapshot(snapshot)).await.map(drop)
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let stream = stream.clone();
+        self.inner
+            .readers
+            .run(move |conn| read::load_snapshot(conn, &stream))
+            .await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventyr_core::{EventType, Position, RecordedEvent, StreamId};
-use eventyr_store::{AllSlice, Direction, ReadAll, ReadStream, StoreError, StreamSlice};
+use eventyr_core::{
+    EventId, EventType, Json, Position, RecordedEvent, StreamId, StreamVersion, Timestamp,
+};
+use eventyr_store::{AllSlice, Direction, ReadAll, ReadStream, Snapshot, StoreError, StreamSlice};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::Semaphore;
 
@@ -276,4 +278,45 @@ fn each(
         f(r)?;
     }
     Ok(())
+}
+
+/// The event with this id, if stored.
+pub fn read_event(
+    read_conn: &mut ReadConnection,
+    id: EventId,
+) -> Result<Option<RecordedEvent>, StoreError> {
+    let ReadConnection { conn, names } = read_conn;
+    let sql = format!("SELECT {EVENT_COLUMNS}, e.stream FROM events e WHERE e.event_id = ?1");
+    let mut stmt = conn.prepare_cached(&sql).map_err(error::sqlite)?;
+    let mut rows = stmt.query([&id.as_bytes()[..]]).map_err(error::sqlite)?;
+    match rows.next().map_err(error::sqlite)? {
+        Some(r) => names.event(conn, r).map(Some).map_err(error::sqlite),
+        None => Ok(None),
+    }
+}
+
+/// The snapshot of a stream, if any.
+pub fn load_snapshot(
+    read_conn: &mut ReadConnection,
+    stream: &StreamId,
+) -> Result<Option<Snapshot>, StoreError> {
+    read_conn
+        .conn
+        .prepare_cached(
+            "SELECT sn.version, sn.schema_version, sn.data, sn.taken_at FROM snapshots sn \
+             JOIN streams s ON s.id = sn.stream WHERE s.name = ?1",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row([stream.as_str()], |r| {
+                Ok(Snapshot {
+                    stream: stream.clone(),
+                    version: StreamVersion(row::counter(r, 0)?),
+                    schema_version: r.get(1)?,
+                    data: Json::from_stored(r.get::<_, Vec<u8>>(2)?),
+                    taken_at: Timestamp::from_unix_micros(r.get(3)?),
+                })
+            })
+            .optional()
+        })
+        .map_err(error::sqlite)
 }

@@ -13,7 +13,7 @@ use crate::error;
 use eventyr_store::StoreError;
 
 /// The schema version this code writes and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE meta (
@@ -47,6 +47,17 @@ CREATE TABLE events (
 );
 CREATE UNIQUE INDEX events_event_id ON events (event_id);
 CREATE UNIQUE INDEX events_stream_version ON events (stream, version);
+";
+
+/// Version 2: aggregate snapshots, one per stream, beside the events.
+const SCHEMA_V2: &str = "
+CREATE TABLE snapshots (
+    stream         INTEGER PRIMARY KEY,
+    version        INTEGER NOT NULL,
+    schema_version INTEGER NOT NULL,
+    data           BLOB NOT NULL,
+    taken_at       INTEGER NOT NULL
+);
 ";
 
 /// A stream's version, for a query over `streams s`: the version of its last event, or
@@ -90,10 +101,38 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             "the database has schema version {version}; this eventyr understands up to {SCHEMA_VERSION}"
         )));
     }
-    if version < 1 {
-        tx.execute_batch(SCHEMA_V1).map_err(error::sqlite)?;
+    for (target, migration) in [(1, SCHEMA_V1), (2, SCHEMA_V2)] {
+        if version < target {
+            tx.execute_batch(migration).map_err(error::sqlite)?;
+        }
     }
     tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
         .map_err(error::sqlite)?;
     tx.commit().map_err(error::sqlite)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_file_is_migrated_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("v1.db")).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute_batch("PRAGMA user_version = 1").unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let snapshots: i64 = conn
+            .query_row("SELECT count(*) FROM snapshots", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(snapshots, 0);
+        migrate(&mut conn).expect("migrating twice is a no-op");
+        conn.execute_batch("PRAGMA user_version = 99").unwrap();
+        let newer = migrate(&mut conn).unwrap_err();
+        assert_eq!(newer.code(), "corrupt");
+    }
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use eventyr_core::{Clock, Position, StreamId, StreamVersion};
+use eventyr_store::Snapshot;
 use eventyr_store::StoreError;
 use eventyr_store::group::{GroupBounds, Outcomes, WriteRequest, answer, take_group};
 use eventyr_store::plan::{Plan, StreamState, WriteOp, Writes, touched};
@@ -285,8 +286,12 @@ fn store(tx: &Transaction<'_>, writes: Writes, rows: &mut StreamRows) -> Result<
                 })?;
         }
     }
+    store_snapshots(tx, &writes.snapshots, rows)?;
     let mut erase = tx
         .prepare_cached("DELETE FROM events WHERE stream = ?1 AND version < ?2")
+        .map_err(error::sqlite)?;
+    let mut erase_snapshot = tx
+        .prepare_cached("DELETE FROM snapshots WHERE stream = ?1")
         .map_err(error::sqlite)?;
     for erasure in &writes.erasures {
         let Some((stream, _)) = rows.get(&erasure.stream) else {
@@ -296,9 +301,47 @@ fn store(tx: &Transaction<'_>, writes: Writes, rows: &mut StreamRows) -> Result<
         erase
             .execute(params![stream, before])
             .map_err(error::sqlite)?;
+        if erasure.before.is_none() {
+            erase_snapshot.execute([stream]).map_err(error::sqlite)?;
+        }
     }
     tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_position'")
         .and_then(|mut s| s.execute([row::bound(writes.next_position.0)]))
         .map_err(error::sqlite)?;
+    Ok(())
+}
+
+/// Stores snapshots, each replacing its stream's older one but never a newer one.
+fn store_snapshots(
+    tx: &Transaction<'_>,
+    snapshots: &[Snapshot],
+    rows: &StreamRows,
+) -> Result<(), Attempt> {
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    let mut upsert = tx
+        .prepare_cached(
+            "INSERT INTO snapshots (stream, version, schema_version, data, taken_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (stream) DO UPDATE SET \
+             version = excluded.version, schema_version = excluded.schema_version, \
+             data = excluded.data, taken_at = excluded.taken_at \
+             WHERE excluded.version >= snapshots.version",
+        )
+        .map_err(error::sqlite)?;
+    for snapshot in snapshots {
+        let (stream, _) = rows
+            .get(&snapshot.stream)
+            .ok_or_else(|| StoreError::corrupt(format!("no row for stream {}", snapshot.stream)))?;
+        upsert
+            .execute(params![
+                stream,
+                row::int(snapshot.version.0)?,
+                snapshot.schema_version,
+                snapshot.data.as_bytes(),
+                snapshot.taken_at.unix_micros(),
+            ])
+            .map_err(error::sqlite)?;
+    }
     Ok(())
 }

@@ -62,7 +62,9 @@ impl StoreError {
             Self::StreamNotFound { .. } => "stream_not_found",
             Self::IdempotencyConflict { .. } => "idempotency_conflict",
             Self::Invalid(
-                ValidationError::EventTooLarge { .. } | ValidationError::AppendTooLarge { .. },
+                ValidationError::EventTooLarge { .. }
+                | ValidationError::AppendTooLarge { .. }
+                | ValidationError::SnapshotTooLarge { .. },
             ) => "payload_too_large",
             Self::Invalid(_) => "invalid_input",
             Self::Unavailable { .. } => "unavailable",

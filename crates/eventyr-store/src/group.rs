@@ -95,6 +95,6 @@ pub fn advance_head(head: &watch::Sender<Position>, to: Position) {
 fn event_count(op: &WriteOp) -> usize {
     match op {
         WriteOp::Append(appends) => appends.iter().map(|a| a.events.len()).sum(),
-        WriteOp::Delete { .. } | WriteOp::Truncate { .. } => 1,
+        WriteOp::Delete { .. } | WriteOp::Truncate { .. } | WriteOp::SaveSnapshot(_) => 1,
     }
 }

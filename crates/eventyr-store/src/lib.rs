@@ -24,9 +24,9 @@ pub use eventyr_core as core;
 
 pub use crate::error::StoreError;
 pub use crate::memory::MemoryStore;
-pub use crate::store::{EventStore, validate_appends};
+pub use crate::store::{EventStore, validate_appends, validate_snapshot};
 pub use crate::subscription::{SubscriptionOptions, subscribe_all, subscribe_stream};
 pub use crate::types::{
-    AllSlice, AppendResult, Direction, ExpectedVersion, Filter, READ_LIMIT_MAX, ReadAll,
-    ReadStream, StreamAppend, StreamSlice,
+    AllSlice, AppendResult, Direction, ExpectedVersion, Filter, NewSnapshot, READ_LIMIT_MAX,
+    ReadAll, ReadStream, Snapshot, StreamAppend, StreamSlice,
 };

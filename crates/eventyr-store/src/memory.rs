@@ -15,10 +15,10 @@ use tokio::sync::watch;
 use crate::error::StoreError;
 use crate::group::advance_head;
 use crate::plan::{Plan, StreamState, WriteOp, WriteOutcome, touched};
-use crate::store::{EventStore, validate_appends};
+use crate::store::{EventStore, validate_appends, validate_snapshot};
 use crate::types::{
-    AllSlice, AppendResult, Direction, ExpectedVersion, ReadAll, ReadStream, StreamAppend,
-    StreamSlice,
+    AllSlice, AppendResult, Direction, ExpectedVersion, NewSnapshot, ReadAll, ReadStream, Snapshot,
+    StreamAppend, StreamSlice,
 };
 
 /// An event store held in memory. Clones, and stores made with
@@ -41,6 +41,7 @@ struct State {
     events: BTreeMap<Position, RecordedEvent>,
     streams: HashMap<StreamId, (StreamState, BTreeMap<StreamVersion, Position>)>,
     by_id: HashMap<EventId, Position>,
+    snapshots: HashMap<StreamId, Snapshot>,
     next_position: Position,
 }
 
@@ -56,6 +57,7 @@ impl MemoryStore {
             events: BTreeMap::new(),
             streams: HashMap::new(),
             by_id: HashMap::new(),
+            snapshots: HashMap::new(),
             next_position: Position::FIRST,
         };
         let (head, _) = watch::channel(Position::ZERO);
@@ -119,7 +121,19 @@ impl MemoryStore {
         for (stream, stream_state) in writes.streams {
             state.streams.entry(stream).or_default().0 = stream_state;
         }
+        for snapshot in writes.snapshots {
+            let newer = state
+                .snapshots
+                .get(&snapshot.stream)
+                .is_none_or(|stored| stored.version <= snapshot.version);
+            if newer {
+                state.snapshots.insert(snapshot.stream.clone(), snapshot);
+            }
+        }
         for erasure in writes.erasures {
+            if erasure.before.is_none() {
+                state.snapshots.remove(&erasure.stream);
+            }
             let Some((_, versions)) = state.streams.get_mut(&erasure.stream) else {
                 continue;
             };
@@ -240,6 +254,24 @@ impl EventStore for MemoryStore {
         before: StreamVersion,
     ) -> Result<(), StoreError> {
         self.write(WriteOp::truncate(stream, before)).map(drop)
+    }
+
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .by_id
+            .get(&id)
+            .and_then(|p| state.events.get(p))
+            .cloned())
+    }
+
+    async fn save_snapshot(&self, snapshot: NewSnapshot) -> Result<(), StoreError> {
+        validate_snapshot(&snapshot, &self.limits)?;
+        self.write(WriteOp::SaveSnapshot(snapshot)).map(drop)
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.lock().snapshots.get(stream).cloned())
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

@@ -15,11 +15,11 @@
 use std::collections::{HashMap, HashSet};
 
 use eventyr_core::{
-    EventId, NewEvent, Position, RecordedEvent, StreamId, StreamVersion, Timestamp,
+    EventId, NewEvent, Position, RecordedEvent, StreamId, StreamVersion, Timestamp, ValidationError,
 };
 
 use crate::error::StoreError;
-use crate::types::{AppendResult, ExpectedVersion, StreamAppend};
+use crate::types::{AppendResult, ExpectedVersion, NewSnapshot, Snapshot, StreamAppend};
 
 /// One write, as a backend's writer queue carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub enum WriteOp {
         stream: StreamId,
         before: StreamVersion,
     },
+    /// Saves a snapshot of an existing stream, unless a newer one is stored.
+    SaveSnapshot(NewSnapshot),
 }
 
 impl WriteOp {
@@ -58,6 +60,7 @@ pub enum WriteOutcome {
     Appended(Vec<AppendResult>),
     Deleted,
     Truncated,
+    SnapshotSaved,
 }
 
 impl WriteOutcome {
@@ -91,20 +94,26 @@ pub struct Erasure {
     pub before: Option<StreamVersion>,
 }
 
-/// What a batch changes, to be written by the backend in this order: events, then
-/// stream states, then erasures, then the next position.
+/// What a batch changes, to be written by the backend in this order: stream states and
+/// events, then snapshots, then erasures, then the next position.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Writes {
     pub events: Vec<RecordedEvent>,
     pub streams: Vec<(StreamId, StreamState)>,
     pub erasures: Vec<Erasure>,
+    /// Snapshots to store, each replacing an older one of its stream (never a newer one).
+    /// Erasing a stream whole also erases its snapshot.
+    pub snapshots: Vec<Snapshot>,
     /// The position the next event will get.
     pub next_position: Position,
 }
 
 impl Writes {
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.streams.is_empty() && self.erasures.is_empty()
+        self.events.is_empty()
+            && self.streams.is_empty()
+            && self.erasures.is_empty()
+            && self.snapshots.is_empty()
     }
 }
 
@@ -135,6 +144,7 @@ pub fn touched<'a>(ops: impl IntoIterator<Item = &'a WriteOp>) -> Touched {
             WriteOp::Delete { stream, .. } | WriteOp::Truncate { stream, .. } => {
                 add_stream(&mut touched, stream)
             }
+            WriteOp::SaveSnapshot(snapshot) => add_stream(&mut touched, &snapshot.stream),
         }
     }
     let mut ids = HashSet::with_capacity(touched.event_ids.len());
@@ -161,6 +171,7 @@ pub struct Plan {
     known: HashMap<EventId, Known>,
     events: Vec<RecordedEvent>,
     erasures: Vec<Erasure>,
+    snapshots: Vec<Snapshot>,
 }
 
 impl Plan {
@@ -185,6 +196,7 @@ impl Plan {
             known,
             events: Vec::new(),
             erasures: Vec::new(),
+            snapshots: Vec::new(),
         }
     }
 
@@ -198,6 +210,9 @@ impl Plan {
             WriteOp::Truncate { stream, before } => self
                 .truncate(stream, before)
                 .map(|()| WriteOutcome::Truncated),
+            WriteOp::SaveSnapshot(snapshot) => self
+                .save_snapshot(snapshot)
+                .map(|()| WriteOutcome::SnapshotSaved),
         }
     }
 
@@ -215,6 +230,7 @@ impl Plan {
             events: self.events,
             streams,
             erasures: self.erasures,
+            snapshots: self.snapshots,
             next_position: self.next_position,
         }
     }
@@ -370,6 +386,46 @@ impl Plan {
         Ok(())
     }
 
+    fn save_snapshot(&mut self, snapshot: NewSnapshot) -> Result<(), StoreError> {
+        let state = self.state(&snapshot.stream);
+        if state.deleted {
+            return Err(StoreError::StreamDeleted {
+                stream: snapshot.stream,
+            });
+        }
+        let Some(version) = state.version else {
+            return Err(StoreError::StreamNotFound {
+                stream: snapshot.stream,
+            });
+        };
+        if snapshot.version > version {
+            return Err(ValidationError::SnapshotAhead {
+                snapshot: snapshot.version.0,
+                stream: version.0,
+            }
+            .into());
+        }
+        // One snapshot per stream and batch: the newest.
+        let earlier = self
+            .snapshots
+            .iter()
+            .position(|s| s.stream == snapshot.stream);
+        if let Some(index) = earlier {
+            if self.snapshots[index].version > snapshot.version {
+                return Ok(());
+            }
+            self.snapshots.swap_remove(index);
+        }
+        self.snapshots.push(Snapshot {
+            stream: snapshot.stream,
+            version: snapshot.version,
+            schema_version: snapshot.schema_version,
+            data: snapshot.data,
+            taken_at: self.now,
+        });
+        Ok(())
+    }
+
     fn truncate(&mut self, stream: StreamId, before: StreamVersion) -> Result<(), StoreError> {
         let state = self.state(&stream);
         if state.deleted {
@@ -403,6 +459,9 @@ impl Plan {
             };
             event.stream_id != stream || before.is_some_and(|b| event.version >= b)
         });
+        if before.is_none() {
+            self.snapshots.retain(|s| s.stream != stream);
+        }
         self.erasures.push(Erasure { stream, before });
     }
 }

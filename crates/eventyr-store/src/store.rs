@@ -4,12 +4,15 @@ use std::collections::HashSet;
 use std::fmt;
 
 use async_trait::async_trait;
-use eventyr_core::{Limits, Position, StreamId, StreamVersion, ValidationError};
+use eventyr_core::{
+    EventId, Limits, Position, RecordedEvent, StreamId, StreamVersion, ValidationError,
+};
 use tokio::sync::watch;
 
 use crate::error::StoreError;
 use crate::types::{
-    AllSlice, AppendResult, ExpectedVersion, ReadAll, ReadStream, StreamAppend, StreamSlice,
+    AllSlice, AppendResult, ExpectedVersion, NewSnapshot, ReadAll, ReadStream, Snapshot,
+    StreamAppend, StreamSlice,
 };
 
 /// An append-only log of events, organised in streams, with one global order (`$all`).
@@ -64,6 +67,17 @@ pub trait EventStore: Send + Sync + fmt::Debug {
         before: StreamVersion,
     ) -> Result<(), StoreError>;
 
+    /// The event with this id, if it is stored (events of deleted or truncated ranges
+    /// are not).
+    async fn read_event(&self, id: EventId) -> Result<Option<RecordedEvent>, StoreError>;
+
+    /// Saves a snapshot of an existing stream, durably, unless a newer one is stored.
+    /// Deleting the stream erases its snapshot too.
+    async fn save_snapshot(&self, snapshot: NewSnapshot) -> Result<(), StoreError>;
+
+    /// The newest snapshot of a stream, if any. A deleted stream has none.
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError>;
+
     /// The last committed position (0 when the store is empty).
     async fn head(&self) -> Result<Position, StoreError>;
 
@@ -73,6 +87,19 @@ pub trait EventStore: Send + Sync + fmt::Debug {
 
     /// The bounds this store enforces.
     fn limits(&self) -> &Limits;
+}
+
+/// Checks a snapshot before it reaches a writer: its size.
+pub fn validate_snapshot(snapshot: &NewSnapshot, limits: &Limits) -> Result<(), StoreError> {
+    let size = snapshot.data.len();
+    if size > limits.snapshot_size_max_bytes {
+        return Err(ValidationError::SnapshotTooLarge {
+            size,
+            max: limits.snapshot_size_max_bytes,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Checks an atomic append before it reaches a writer: at least one stream, no stream

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use eventyr_core::{NewEvent, Position, RecordedEvent, StreamId, StreamVersion};
+use eventyr_core::{Json, NewEvent, Position, RecordedEvent, StreamId, StreamVersion, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// The most events one read returns; larger limits are lowered to it.
@@ -234,6 +234,28 @@ impl ReadAll {
     pub fn effective_limit(&self) -> usize {
         self.limit.clamp(1, READ_LIMIT_MAX)
     }
+}
+
+/// An aggregate's state at a stream version, saved so that loading it need not replay
+/// every event. Stored beside the stream, erased with it when it is deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSnapshot {
+    pub stream: StreamId,
+    /// The version of the last event the state includes.
+    pub version: StreamVersion,
+    /// The version of the state's shape; a loader ignores snapshots of other versions.
+    pub schema_version: u32,
+    pub data: Json,
+}
+
+/// A stored snapshot: what was saved, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub stream: StreamId,
+    pub version: StreamVersion,
+    pub schema_version: u32,
+    pub data: Json,
+    pub taken_at: Timestamp,
 }
 
 /// The result of a `$all` read.

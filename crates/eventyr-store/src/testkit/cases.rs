@@ -9,7 +9,7 @@ use eventyr_core::{
 use super::{Backend, counted};
 use crate::error::StoreError;
 use crate::store::EventStore;
-use crate::types::{ExpectedVersion, Filter, ReadAll, ReadStream, StreamAppend};
+use crate::types::{ExpectedVersion, Filter, NewSnapshot, ReadAll, ReadStream, StreamAppend};
 
 pub(crate) fn stream(name: &str) -> StreamId {
     StreamId::new(name).expect("test stream names are valid")
@@ -585,6 +585,7 @@ pub async fn size_limits(backend: &dyn Backend) {
         event_size_max_bytes: 1024,
         append_events_max: 10,
         append_size_max_bytes: 4096,
+        ..Limits::default()
     };
     let store = backend.location(limits).await.open().await;
     let store = &*store;
@@ -810,4 +811,154 @@ pub async fn reopen_keeps_everything(backend: &dyn Backend) {
         append(&*second, "t", ExpectedVersion::Any, vec![counted(4)]).await,
         Err(StoreError::StreamDeleted { .. })
     ));
+}
+
+pub async fn events_are_found_by_id(backend: &dyn Backend) {
+    let store = open(backend).await;
+    let store = &*store;
+    let events = vec![counted(1), counted(2), counted(3)];
+    append(store, "s", ExpectedVersion::Any, events.clone())
+        .await
+        .expect("append");
+    let found = store
+        .read_event(events[1].id)
+        .await
+        .expect("read by id")
+        .expect("the event is found");
+    assert!(events[1].same_content_as(&found));
+    assert_eq!(
+        (found.stream_id.clone(), found.version, found.position),
+        (stream("s"), StreamVersion(1), Position(2))
+    );
+    let unknown = eventyr_core::EventId::new();
+    assert_eq!(store.read_event(unknown).await.expect("read"), None);
+    store
+        .truncate_stream(&stream("s"), StreamVersion(1))
+        .await
+        .expect("truncate");
+    assert_eq!(store.read_event(events[0].id).await.expect("read"), None);
+    store
+        .delete_stream(&stream("s"), ExpectedVersion::Any)
+        .await
+        .expect("delete");
+    assert_eq!(store.read_event(events[2].id).await.expect("read"), None);
+}
+
+pub async fn snapshots_live_beside_their_stream(backend: &dyn Backend) {
+    let limits = Limits {
+        snapshot_size_max_bytes: 64,
+        ..Limits::default()
+    };
+    let location = backend.location(limits).await;
+    let store = location.open().await;
+    let s = stream("acct-1");
+    let snapshot = |version: u64, state: &str| NewSnapshot {
+        stream: s.clone(),
+        version: StreamVersion(version),
+        schema_version: 2,
+        data: Json::encode(&serde_json::json!({ "state": state })).expect("json"),
+    };
+    let missing = store.save_snapshot(snapshot(0, "a")).await;
+    assert!(
+        matches!(missing, Err(StoreError::StreamNotFound { .. })),
+        "{missing:?}"
+    );
+    assert_eq!(store.load_snapshot(&s).await.expect("load"), None);
+
+    append(
+        &*store,
+        "acct-1",
+        ExpectedVersion::Any,
+        (0..5).map(counted).collect(),
+    )
+    .await
+    .expect("append");
+    store
+        .save_snapshot(snapshot(2, "at 2"))
+        .await
+        .expect("save");
+    let loaded = store
+        .load_snapshot(&s)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!(
+        (loaded.stream.clone(), loaded.version, loaded.schema_version),
+        (s.clone(), StreamVersion(2), 2)
+    );
+    assert_eq!(loaded.data, snapshot(2, "at 2").data);
+    assert!(
+        loaded.taken_at.unix_micros() > 0,
+        "the store stamps the time"
+    );
+
+    store
+        .save_snapshot(snapshot(4, "at 4"))
+        .await
+        .expect("save newer");
+    store
+        .save_snapshot(snapshot(3, "at 3"))
+        .await
+        .expect("an older save is accepted");
+    let loaded = store
+        .load_snapshot(&s)
+        .await
+        .expect("load")
+        .expect("a snapshot");
+    assert_eq!(
+        loaded.version,
+        StreamVersion(4),
+        "the newest snapshot stays"
+    );
+
+    let ahead = store.save_snapshot(snapshot(9, "ahead")).await;
+    assert!(
+        matches!(
+            ahead,
+            Err(StoreError::Invalid(ValidationError::SnapshotAhead { .. }))
+        ),
+        "{ahead:?}"
+    );
+    let big = store.save_snapshot(snapshot(4, &"x".repeat(100))).await;
+    assert!(
+        matches!(
+            big,
+            Err(StoreError::Invalid(
+                ValidationError::SnapshotTooLarge { .. }
+            ))
+        ),
+        "{big:?}"
+    );
+
+    let reopened = location.open().await;
+    assert_eq!(
+        reopened
+            .load_snapshot(&s)
+            .await
+            .expect("load")
+            .map(|l| l.version),
+        Some(StreamVersion(4))
+    );
+    reopened
+        .truncate_stream(&s, StreamVersion(3))
+        .await
+        .expect("truncate");
+    assert!(
+        reopened.load_snapshot(&s).await.expect("load").is_some(),
+        "truncation keeps the snapshot"
+    );
+    reopened
+        .delete_stream(&s, ExpectedVersion::Any)
+        .await
+        .expect("delete");
+    assert_eq!(
+        reopened.load_snapshot(&s).await.expect("load"),
+        None,
+        "deletion erases the snapshot"
+    );
+    let deleted = reopened.save_snapshot(snapshot(4, "again")).await;
+    assert!(
+        matches!(deleted, Err(StoreError::StreamDeleted { .. })),
+        "{deleted:?}"
+    );
 }

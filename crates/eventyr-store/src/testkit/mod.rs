@@ -59,6 +59,8 @@ macro_rules! conformance_suite {
             unicode_round_trips,
             bad_input_is_refused_with_typed_errors,
             reopen_keeps_everything,
+            events_are_found_by_id,
+            snapshots_live_beside_their_stream,
             concurrent_conflicting_appends_one_wins,
             subscription_catches_up_then_goes_live,
             stream_subscription_waits_and_follows,
