@@ -9,6 +9,7 @@ mod cloudevents;
 mod event;
 mod ids;
 mod json;
+mod retry;
 mod time;
 mod validate;
 
@@ -16,5 +17,6 @@ pub use crate::cloudevents::{CloudEvent, CloudEventError, EVENT_TYPE_PREFIX};
 pub use crate::event::{Metadata, NewEvent, RecordedEvent};
 pub use crate::ids::{EventId, EventType, Position, StreamId, StreamVersion};
 pub use crate::json::Json;
+pub use crate::retry::RetryPolicy;
 pub use crate::time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use crate::validate::{Limits, ValidationError};
