@@ -16,6 +16,7 @@
 mod error;
 mod listen;
 mod read;
+mod readmodel;
 mod row;
 mod schema;
 mod writer;
@@ -37,6 +38,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{Config, NoTls};
 
 use crate::read::ReadSql;
+pub use crate::readmodel::PostgresReadModels;
 pub use crate::schema::SCHEMA_VERSION;
 use crate::writer::Writer;
 

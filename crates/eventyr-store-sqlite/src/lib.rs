@@ -13,6 +13,7 @@
 mod durability;
 mod error;
 mod read;
+mod readmodel;
 mod row;
 mod schema;
 mod syncer;
@@ -37,6 +38,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::durability::Durability;
 use crate::read::Readers;
+pub use crate::readmodel::SqliteReadModels;
 pub use crate::schema::SCHEMA_VERSION;
 use crate::syncer::Syncer;
 use crate::writer::Writer;

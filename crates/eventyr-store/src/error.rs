@@ -41,6 +41,21 @@ pub enum StoreError {
         #[source]
         source: Option<Arc<dyn std::error::Error + Send + Sync>>,
     },
+    /// A read model's checkpoint was not where the writer expected: another runner
+    /// applied those events. Nothing was applied.
+    #[error("projection {projection}: checkpoint is at {actual}, expected {expected}")]
+    CheckpointConflict {
+        projection: String,
+        expected: eventyr_core::Position,
+        actual: eventyr_core::Position,
+    },
+    /// The projection has no read model serving queries yet.
+    #[error("projection {projection} has no read model yet")]
+    ReadModelNotFound { projection: String },
+    /// The database refused a statement (bad SQL, a broken constraint): a retry will
+    /// not help.
+    #[error("statement failed: {message}")]
+    Statement { message: String },
     /// The store was closed.
     #[error("event store is closed")]
     Closed,
@@ -68,6 +83,9 @@ impl StoreError {
             ) => "payload_too_large",
             Self::Invalid(_) => "invalid_input",
             Self::Unavailable { .. } => "unavailable",
+            Self::CheckpointConflict { .. } => "checkpoint_conflict",
+            Self::ReadModelNotFound { .. } => "not_found",
+            Self::Statement { .. } => "statement_failed",
             Self::Closed => "closed",
             Self::Corrupt { .. } => "corrupt",
         }

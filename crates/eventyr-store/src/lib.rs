@@ -8,12 +8,16 @@
 //! - [`subscription`]: catch-up then live subscriptions, built on reads by position.
 //! - [`group`]: the group-commit plumbing the durable backends' writers share.
 //! - [`MemoryStore`]: the in-memory backend for tests.
+//! - [`readmodel`] and [`sql`]: SQL read models for projections, by generation, with
+//!   their checkpoints.
 //! - `testkit` (feature): the conformance suite every backend passes.
 
 mod error;
 pub mod group;
 mod memory;
 pub mod plan;
+pub mod readmodel;
+pub mod sql;
 mod store;
 pub mod subscription;
 #[cfg(feature = "testkit")]

@@ -7,6 +7,7 @@
 
 mod cases;
 mod concurrency;
+pub mod readmodels;
 
 use std::sync::Arc;
 use std::time::Duration;
