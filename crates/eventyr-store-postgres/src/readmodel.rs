@@ -87,7 +87,7 @@ impl PostgresReadModels {
 
     async fn known(
         &self,
-        client: &tokio_postgres::Client,
+        client: &impl deadpool_postgres::GenericClient,
         projection: &str,
         generation: Generation,
     ) -> Result<(), StoreError> {
@@ -302,10 +302,18 @@ impl ReadModels for PostgresReadModels {
     async fn promote(&self, projection: &str, generation: Generation) -> Result<(), StoreError> {
         check_projection_name(projection)?;
         let mut client = self.client().await?;
-        self.known(&client, projection, generation).await?;
         let catalog = &self.catalog;
         let tx = client.transaction().await.map_err(error::postgres)?;
         let g = counter(generation.0);
+        // Checked under the projection's lock: a concurrent promote of a newer
+        // generation has either dropped this one already or waits for us.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!("{catalog}.{projection}")],
+        )
+        .await
+        .map_err(error::postgres)?;
+        self.known(&tx, projection, generation).await?;
         let older = tx
             .query(&format!("SELECT generation FROM {catalog}.generations WHERE projection = $1 AND generation < $2"), &[&projection, &g])
             .await

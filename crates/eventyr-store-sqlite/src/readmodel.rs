@@ -224,10 +224,26 @@ impl Inner {
     }
 
     fn promote(&self, projection: &str, generation: Generation) -> Result<(), StoreError> {
-        self.generation(projection, generation)?;
         let dropped: Vec<i64> = {
             let mut catalog = lock(&self.catalog);
-            let tx = catalog.transaction().map_err(error::sqlite)?;
+            let tx = catalog
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(error::sqlite)?;
+            // Checked under the catalog's write lock: a concurrent promote of a newer
+            // generation has either dropped this one already or waits for us.
+            let known: Option<i64> = tx
+                .query_row(
+                    "SELECT generation FROM generations WHERE projection = ?1 AND generation = ?2",
+                    params![projection, counter(generation.0)],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(error::sqlite)?;
+            if known.is_none() {
+                return Err(StoreError::ReadModelNotFound {
+                    projection: format!("{projection} (generation {generation})"),
+                });
+            }
             let older = tx
                 .prepare(
                     "SELECT generation FROM generations WHERE projection = ?1 AND generation < ?2",

@@ -79,7 +79,9 @@ pub trait ReadModels: Send + Sync + fmt::Debug {
     /// its checkpoint to 0. It serves no query until promoted.
     async fn create(&self, projection: &str, schema: &[String]) -> Result<Generation, StoreError>;
 
-    /// Makes `generation` serve queries and drops every older generation.
+    /// Makes `generation` serve queries and drops every older generation. A generation
+    /// older than the one serving was dropped when that one was promoted, so promoting
+    /// it fails with [`StoreError::ReadModelNotFound`].
     async fn promote(&self, projection: &str, generation: Generation) -> Result<(), StoreError>;
 
     /// Drops a generation that will not be promoted.

@@ -161,3 +161,68 @@ pub fn upcasters() -> eventyr_cqrs::Upcasters {
             Ok(data)
         })
 }
+
+/// The bank's read model: each account's balance and movements, and one row per money
+/// movement keyed by its position. The balance update is not idempotent on purpose
+/// (`balance = balance + amount`): applying an event twice, or skipping one, shows.
+pub struct Balances;
+
+impl eventyr_cqrs::Projection for Balances {
+    fn name(&self) -> &str {
+        "balances"
+    }
+
+    fn event_types(&self) -> &[&str] {
+        &["Opened", "Deposited", "Withdrawn", "TransferredOut"]
+    }
+
+    fn schema(&self) -> Vec<String> {
+        vec![
+            "CREATE TABLE accounts (id TEXT PRIMARY KEY, owner TEXT NOT NULL, currency TEXT NOT NULL, \
+             balance BIGINT NOT NULL, movements BIGINT NOT NULL)"
+                .into(),
+            "CREATE TABLE movements (position BIGINT PRIMARY KEY, account TEXT NOT NULL, amount BIGINT NOT NULL)".into(),
+        ]
+    }
+
+    fn apply(
+        &self,
+        event: &eventyr_core::RecordedEvent,
+    ) -> Result<Vec<eventyr_store::sql::SqlStatement>, eventyr_cqrs::ProjectionError> {
+        use eventyr_cqrs::{DomainEvent, ProjectionError};
+        use eventyr_store::sql::SqlStatement;
+        let account = event
+            .stream_id
+            .as_str()
+            .strip_prefix("account-")
+            .unwrap_or(event.stream_id.as_str());
+        let decoded = AccountEvent::from_stored(&event.event_type, &event.data)
+            .map_err(|e| ProjectionError::new(e.to_string()))?;
+        let amount = match decoded {
+            AccountEvent::Opened {
+                owner, currency, ..
+            } => {
+                return Ok(vec![SqlStatement::new(
+                    "INSERT INTO accounts (id, owner, currency, balance, movements) VALUES ($1, $2, $3, 0, 0)",
+                )
+                .bind(account)
+                .bind(owner)
+                .bind(currency)]);
+            }
+            AccountEvent::Deposited { amount, .. } => amount,
+            AccountEvent::Withdrawn { amount, .. }
+            | AccountEvent::TransferredOut { amount, .. } => -amount,
+        };
+        let position =
+            i64::try_from(event.position.0).map_err(|e| ProjectionError::new(e.to_string()))?;
+        Ok(vec![
+            SqlStatement::new("UPDATE accounts SET balance = balance + $2, movements = movements + 1 WHERE id = $1")
+                .bind(account)
+                .bind(amount),
+            SqlStatement::new("INSERT INTO movements (position, account, amount) VALUES ($1, $2, $3)")
+                .bind(position)
+                .bind(account)
+                .bind(amount),
+        ])
+    }
+}

@@ -92,3 +92,64 @@ macro_rules! on_every_backend {
         }
     };
 }
+
+/// An event store and a read-model store of the same technology.
+pub struct Pair {
+    pub store: Arc<dyn EventStore>,
+    pub read_models: Arc<dyn eventyr_store::readmodel::ReadModels>,
+    pub dir: Option<tempfile::TempDir>,
+}
+
+pub fn sqlite_pair() -> Pair {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store =
+        SqliteStore::open(SqliteOptions::new(dir.path().join("events.db"))).expect("open sqlite");
+    let read_models =
+        eventyr_store_sqlite::SqliteReadModels::open(dir.path().join("read")).expect("read models");
+    Pair {
+        store: Arc::new(store),
+        read_models: Arc::new(read_models),
+        dir: Some(dir),
+    }
+}
+
+pub async fn postgres_pair() -> Pair {
+    let fixture = postgres().await;
+    let url = eventyr_testkit::test_postgres_url();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let catalog = format!(
+        "p{}_{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let read_models = eventyr_store_postgres::PostgresReadModels::connect(&url, &catalog)
+        .await
+        .expect("read models");
+    Pair {
+        store: fixture.store,
+        read_models: Arc::new(read_models),
+        dir: None,
+    }
+}
+
+/// Expands to one `#[tokio::test]` per read-model backend for each scenario, an async
+/// fn taking `(Arc<dyn EventStore>, Arc<dyn ReadModels>)`.
+#[macro_export]
+macro_rules! on_both_read_models {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let pair = $crate::common::sqlite_pair();
+                super::$scenario(pair.store.clone(), pair.read_models.clone()).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let pair = $crate::common::postgres_pair().await;
+                super::$scenario(pair.store.clone(), pair.read_models.clone()).await;
+            })*
+        }
+    };
+}

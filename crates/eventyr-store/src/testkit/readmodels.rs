@@ -118,6 +118,26 @@ pub async fn generations_are_created_promoted_and_dropped(backend: &dyn ReadMode
         "older generations are dropped"
     );
 
+    let stale = models.promote("items", first).await;
+    assert!(
+        matches!(stale, Err(StoreError::ReadModelNotFound { .. })),
+        "a dropped generation: {stale:?}"
+    );
+    let third = models.create("items", &schema()).await.expect("create");
+    let fourth = models.create("items", &schema()).await.expect("create");
+    models
+        .promote("items", fourth)
+        .await
+        .expect("promote the newest");
+    let backwards = models.promote("items", third).await;
+    assert!(
+        matches!(backwards, Err(StoreError::ReadModelNotFound { .. })),
+        "never back in time: {backwards:?}"
+    );
+    assert_eq!(
+        models.current("items").await.expect("current"),
+        Some(fourth)
+    );
     let abandoned = models.create("items", &schema()).await.expect("create");
     models.discard("items", abandoned).await.expect("discard");
     let listed = models.list().await.expect("list");
