@@ -534,11 +534,9 @@ impl Driver {
     }
 
     /// Applies the next batch of `$all` to the rebuild generation. `Ok(true)` once it
-    /// has reached `live` (the live generation's checkpoint).
+    /// has read up to the store's head and is at least where the live generation is
+    /// (`live`), so that promoting it loses nothing the live one had.
     async fn rebuild_step(&self, target: &mut Target, live: Position) -> Result<bool, StoreError> {
-        if target.checkpoint >= live {
-            return Ok(true);
-        }
         let read = ReadAll::from(target.checkpoint.next()).limit(self.options.batch_size);
         let slice = self.store.read_all(&read).await?;
         // Everything below `next` has been considered, erased positions included.
@@ -554,6 +552,6 @@ impl Driver {
             };
             s.head = s.head.max(slice.head);
         });
-        Ok(target.checkpoint >= live)
+        Ok(slice.is_end() && target.checkpoint >= live)
     }
 }

@@ -288,6 +288,7 @@ async fn a_rebuild_keeps_queries_working(
     );
     running.caught_up("balances", &store).await;
     let before = balances(&read_models).await;
+    let head_before = store.head().await.expect("head");
     running.handle.rebuild("balances").await.expect("rebuild");
     // Queries answer from the live generation while the new one fills, and more
     // commands keep arriving.
@@ -308,6 +309,10 @@ async fn a_rebuild_keeps_queries_working(
         })
         .await;
     assert_eq!(done.generation, Some(Generation(2)));
+    assert!(
+        done.checkpoint >= head_before,
+        "promoted only once caught up: {done:?}"
+    );
     running.caught_up("balances", &store).await;
     let mut expected = before;
     expected.push(("c".into(), 3, 1));

@@ -61,6 +61,11 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Inspect and rebuild projections (the read models fed by events).
+    Projection {
+        #[command(subcommand)]
+        command: ProjectionCommand,
+    },
     /// Measure the system (figures for BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -76,6 +81,23 @@ pub enum EventsCommand {
     Read(ReadArgs),
     /// Follow new events as they are committed, one JSON document per line, until Ctrl-C.
     Tail(TailArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionCommand {
+    /// Each projection's read model: generation, checkpoint, and how far behind the
+    /// store's head it is.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a projection's read model from the first event into a new generation,
+    /// then swap it in. The current read model keeps answering queries meanwhile.
+    Rebuild {
+        /// The projection's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

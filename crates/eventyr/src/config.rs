@@ -25,6 +25,8 @@ pub struct StoreConfig {
     pub backend: StoreKind,
     pub database_url: Option<String>,
     pub schema: String,
+    /// PostgreSQL schema of the read models' catalog. Default `eventyr_read`.
+    pub read_catalog: String,
     pub limits: Limits,
 }
 
@@ -43,6 +45,7 @@ struct FileStore {
     backend: Option<StoreKind>,
     database_url: Option<String>,
     schema: Option<String>,
+    read_catalog: Option<String>,
     event_size_max_bytes: Option<usize>,
 }
 
@@ -77,6 +80,10 @@ impl Config {
                     .clone()
                     .or(file.store.schema)
                     .unwrap_or_else(|| "eventyr".into()),
+                read_catalog: file
+                    .store
+                    .read_catalog
+                    .unwrap_or_else(|| "eventyr_read".into()),
                 limits,
             },
         })

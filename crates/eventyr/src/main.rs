@@ -3,17 +3,19 @@
 //! `anyhow`, and the only crate that chooses between storage backends.
 
 mod bench;
+mod builtin;
 mod cli;
 mod config;
 mod events;
 mod output;
+mod projection;
 mod stores;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, EventsCommand};
+use crate::cli::{Cli, Command, EventsCommand, ProjectionCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -43,6 +45,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             EventsCommand::Append(args) => events::append(&config, args).await,
             EventsCommand::Read(args) => events::read(&config, args).await,
             EventsCommand::Tail(args) => events::tail(&config, args).await,
+        },
+        Command::Projection { command } => match command {
+            ProjectionCommand::Status { json } => projection::status(&config, json).await,
+            ProjectionCommand::Rebuild { name } => projection::rebuild(&config, &name).await,
         },
         Command::Bench { command } => bench::run(&config, command).await,
     }

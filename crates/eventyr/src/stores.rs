@@ -5,14 +5,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use eventyr_store::EventStore;
-use eventyr_store_postgres::{PostgresOptions, PostgresStore};
-use eventyr_store_sqlite::{SqliteOptions, SqliteStore};
+use eventyr_store::readmodel::ReadModels;
+use eventyr_store_postgres::{PostgresOptions, PostgresReadModels, PostgresStore};
+use eventyr_store_sqlite::{SqliteOptions, SqliteReadModels, SqliteStore};
 
 use crate::cli::StoreKind;
 use crate::config::Config;
 
 /// The SQLite file of the event store, under the data directory.
 pub const SQLITE_FILE: &str = "eventyr.db";
+
+/// The directory of the SQLite read models, under the data directory.
+pub const READ_MODELS_DIR: &str = "read";
 
 pub async fn open(config: &Config) -> anyhow::Result<Arc<dyn EventStore>> {
     let store = &config.store;
@@ -40,4 +44,27 @@ pub fn open_sqlite(path: &Path, config: &Config) -> anyhow::Result<Arc<dyn Event
     let store = SqliteStore::open(options)
         .with_context(|| format!("cannot open the event store {}", path.display()))?;
     Ok(Arc::new(store))
+}
+
+/// Opens the read models of the configured backend.
+pub async fn open_read_models(config: &Config) -> anyhow::Result<Arc<dyn ReadModels>> {
+    match config.store.backend {
+        StoreKind::Sqlite => {
+            let dir = config.data_dir.join(READ_MODELS_DIR);
+            let models = SqliteReadModels::open(&dir)
+                .with_context(|| format!("cannot open the read models in {}", dir.display()))?;
+            Ok(Arc::new(models))
+        }
+        StoreKind::Postgres => {
+            let url = config
+                .store
+                .database_url
+                .as_deref()
+                .context("the postgres read models need a database URL")?;
+            let models = PostgresReadModels::connect(url, &config.store.read_catalog)
+                .await
+                .context("cannot open the postgres read models")?;
+            Ok(Arc::new(models))
+        }
+    }
 }

@@ -281,6 +281,81 @@ fn append_and_read_on_postgres() {
 }
 
 #[test]
+fn projections_are_listed_and_rebuilt() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let status = ok(eventyr(d).args(["projection", "status", "--json"]));
+    assert_eq!(status[0][0]["name"], "event_types");
+    assert_eq!(status[0][0]["generation"], Value::Null, "not built yet");
+    for (stream, event_type) in [("a-1", "Opened"), ("a-1", "Closed"), ("b-1", "Opened")] {
+        ok(&mut append(d, stream, event_type, "{}"));
+    }
+    let output = run(eventyr(d).args(["projection", "rebuild", "event_types"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("rebuilt event_types: generation 2, 3 events"),
+        "{}",
+        stdout(&output)
+    );
+    let status = ok(eventyr(d).args(["projection", "status", "--json"]));
+    let row = &status[0][0];
+    assert_eq!(
+        (
+            row["generation"].as_u64(),
+            row["checkpoint"].as_u64(),
+            row["lag_events"].as_u64()
+        ),
+        (Some(2), Some(3), Some(0))
+    );
+    let table = run(eventyr(d).args(["projection", "status"]));
+    assert!(stdout(&table).contains("event_types"), "{}", stdout(&table));
+    let unknown = run(eventyr(d).args(["projection", "rebuild", "nope"]));
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("no projection is named \"nope\""),
+        "{}",
+        stderr(&unknown)
+    );
+}
+
+#[test]
+fn projections_rebuild_on_postgres() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let url = eventyr_testkit::test_postgres_url();
+    let unique = std::process::id() % 100_000;
+    let pg = |command: &mut Command| {
+        command.args(["--store", "postgres", "--database-url", &url]);
+        command.args(["--database-schema", &format!("cli_proj_{unique}")]);
+        command.env("EVENTYR_CONFIG", d.join("eventyr.toml"));
+    };
+    std::fs::write(
+        d.join("eventyr.toml"),
+        format!("[store]\nread_catalog = \"cr{unique}\"\n"),
+    )
+    .expect("config");
+    let mut first = append(d, "a-1", "Opened", "{}");
+    pg(&mut first);
+    ok(&mut first);
+    let mut rebuild = eventyr(d);
+    rebuild.args(["projection", "rebuild", "event_types"]);
+    pg(&mut rebuild);
+    let output = run(&mut rebuild);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut status = eventyr(d);
+    status.args(["projection", "status", "--json"]);
+    pg(&mut status);
+    let rows = ok(&mut status);
+    assert_eq!(
+        (
+            rows[0][0]["checkpoint"].as_u64(),
+            rows[0][0]["lag_events"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+}
+
+#[test]
 fn store_benchmark_command_runs() {
     let dir = tempfile::tempdir().expect("temp dir");
     let output = run(eventyr(dir.path()).args([
