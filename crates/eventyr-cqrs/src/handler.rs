@@ -2,16 +2,18 @@
 //! the exact expected version; on a conflict reload and decide again, with backoff.
 
 use std::marker::PhantomData;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use eventyr_core::{
-    Json, Metadata, NewEvent, RetryPolicy, StreamId, StreamVersion, ValidationError,
+    Json, Metadata, NewEvent, RecordedEvent, RetryPolicy, StreamId, StreamVersion, ValidationError,
 };
 use eventyr_store::{
     AppendResult, EventStore, ExpectedVersion, NewSnapshot, ReadStream, StoreError, StreamAppend,
 };
 use eventyr_telemetry::names;
+use lru::LruCache;
 
 use crate::aggregate::Aggregate;
 use crate::command::{Command, CommandError, CommandId, CommandOutcome};
@@ -30,6 +32,10 @@ pub struct HandlerOptions {
     pub read_batch: usize,
     /// Seeds the backoff jitter, for reproducible tests. Default: random.
     pub rng_seed: Option<u64>,
+    /// Aggregates kept in memory between commands (least recently used evicted). A
+    /// cached aggregate is used with its exact version, so a stale one (another process
+    /// wrote) only costs a version conflict and a reload. 0 disables. Default 10 000.
+    pub cache_capacity: usize,
 }
 
 impl Default for HandlerOptions {
@@ -39,6 +45,7 @@ impl Default for HandlerOptions {
             snapshot_every: None,
             read_batch: 1000,
             rng_seed: None,
+            cache_capacity: 10_000,
         }
     }
 }
@@ -55,6 +62,9 @@ pub struct Loaded<A> {
     pub replayed: usize,
 }
 
+/// The events of one command met while loading: the first and last of them.
+type Handled = Option<(RecordedEvent, RecordedEvent)>;
+
 /// Handles the commands of one aggregate type against one store. Cheap to share.
 #[derive(Debug)]
 pub struct CommandHandler<A: Aggregate> {
@@ -62,6 +72,7 @@ pub struct CommandHandler<A: Aggregate> {
     upcasters: Arc<Upcasters>,
     options: HandlerOptions,
     rng: Mutex<fastrand::Rng>,
+    cache: Option<Mutex<LruCache<StreamId, Loaded<A>>>>,
     aggregate: PhantomData<fn() -> A>,
 }
 
@@ -76,11 +87,14 @@ impl<A: Aggregate> CommandHandler<A> {
         let rng = options
             .rng_seed
             .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
+        let cache = NonZeroUsize::new(options.cache_capacity)
+            .map(|capacity| Mutex::new(LruCache::new(capacity)));
         Self {
             store,
             upcasters,
             options,
             rng: Mutex::new(rng),
+            cache,
             aggregate: PhantomData,
         }
     }
@@ -126,38 +140,79 @@ impl<A: Aggregate> CommandHandler<A> {
         let stream = Self::stream(&command.aggregate_id)?;
         let mut attempt = 1;
         loop {
-            if let Some(original) = self.find_handled(&stream, &command.id).await? {
-                return Ok(original);
-            }
-            let loaded = self.load_stream(&stream).await?;
-            let events = loaded
-                .state
-                .handle(&command.body)
-                .map_err(CommandError::Rejected)?;
-            if events.is_empty() {
-                return Ok(CommandOutcome {
-                    stream,
-                    events: 0,
-                    stream_version: loaded.version,
-                    positions: None,
-                    duplicate: false,
-                    attempts: attempt,
-                });
-            }
+            let cached = self.cache_take(&stream);
+            let from_cache = cached.is_some();
+            let loaded = match cached {
+                Some(loaded) => loaded,
+                None => {
+                    // A repeated command is found on the way: its events are in the
+                    // stream tail that loading reads, or the append below meets its ids.
+                    let (loaded, handled) = self.load_stream(&stream, Some(&command.id)).await?;
+                    if let Some((first, last)) = handled {
+                        self.cache_put(&stream, loaded);
+                        return Ok(duplicate(&stream, &first, &last));
+                    }
+                    loaded
+                }
+            };
+            // A rejection or a no-op may be a repeated command whose events this state
+            // already includes (before a snapshot, or in a cached state): only then is
+            // it worth looking its id up.
+            let events = match loaded.state.handle(&command.body) {
+                Ok(events) if !events.is_empty() => events,
+                decided => {
+                    let version = loaded.version;
+                    self.cache_put(&stream, loaded);
+                    if let Some(original) = self.find_handled(&stream, &command.id).await? {
+                        return Ok(original);
+                    }
+                    decided.map_err(CommandError::Rejected)?;
+                    return Ok(CommandOutcome {
+                        stream,
+                        events: 0,
+                        stream_version: version,
+                        positions: None,
+                        duplicate: false,
+                        attempts: attempt,
+                    });
+                }
+            };
             let expected = loaded
                 .version
                 .map_or(ExpectedVersion::NoStream, ExpectedVersion::Exact);
+            let first_version = loaded.version.map_or(StreamVersion(0), StreamVersion::next);
             let append =
                 StreamAppend::new(stream.clone(), expected, self.encode(command, &events)?);
             match self.store.append(append).await {
-                Ok(result) => {
-                    let outcome = outcome(&result, events.len(), attempt);
-                    self.snapshot_if_due(loaded, &events, &result).await;
+                // The store recognised the events as stored already: the command was
+                // handled before, with the same outcome.
+                Ok(result) if result.first_version < first_version => {
+                    self.cache_put(&stream, loaded);
+                    let mut outcome = outcome(&result, events.len(), attempt);
+                    outcome.duplicate = true;
                     return Ok(outcome);
                 }
-                // Another writer got there first: decide again on the newer state.
+                Ok(result) => {
+                    let before = loaded.version;
+                    let mut after = loaded;
+                    for event in &events {
+                        after.state.apply(event);
+                    }
+                    after.version = Some(result.last_version);
+                    self.snapshot_if_due(&after.state, before, &result).await;
+                    self.cache_put(&stream, after);
+                    return Ok(outcome(&result, events.len(), attempt));
+                }
+                // A cached state was stale (another process wrote): reload and decide
+                // again at once; this is not contention.
+                Err(StoreError::WrongExpectedVersion { .. }) if from_cache => {}
+                // Another writer got there first (possibly this very command, retried
+                // elsewhere): decide again on the newer state.
                 Err(StoreError::WrongExpectedVersion { .. }) => {
                     metrics::counter!(names::COMMAND_CONFLICTS_TOTAL, names::LABEL_AGGREGATE => A::KIND).increment(1);
+                    if let Some(original) = self.find_handled(&stream, &command.id).await? {
+                        return Ok(original);
+                    }
                     if !self.options.retry.allows(attempt + 1) {
                         return Err(CommandError::Conflict {
                             stream,
@@ -173,26 +228,59 @@ impl<A: Aggregate> CommandHandler<A> {
                     metrics::counter!(names::COMMAND_RETRIES_TOTAL, names::LABEL_AGGREGATE => A::KIND).increment(1);
                     attempt += 1;
                 }
-                // The command's event ids are stored: it was handled meanwhile.
+                // The command's event ids are stored with other content: it was handled
+                // before, on another state.
                 Err(StoreError::IdempotencyConflict { .. }) => {
-                    if let Some(original) = self.find_handled(&stream, &command.id).await? {
-                        return Ok(original);
-                    }
-                    return Err(CommandError::Store(StoreError::corrupt(
-                        "a command's event ids are stored but cannot be found",
-                    )));
+                    return match self.find_handled(&stream, &command.id).await? {
+                        Some(original) => Ok(original),
+                        None => Err(CommandError::Store(StoreError::corrupt(
+                            "a command's event ids are stored but cannot be found",
+                        ))),
+                    };
                 }
                 Err(error) => return Err(error.into()),
             }
         }
     }
 
-    /// Loads an aggregate: its newest compatible snapshot, then the events after it.
-    pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, Failure<A>> {
-        self.load_stream(&Self::stream(aggregate_id)?).await
+    /// Takes a cached aggregate out of the cache (a concurrent command on it in this
+    /// process then loads it from the store).
+    fn cache_take(&self, stream: &StreamId) -> Option<Loaded<A>> {
+        let cache = self.cache.as_ref()?;
+        cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop(stream)
     }
 
-    async fn load_stream(&self, stream: &StreamId) -> Result<Loaded<A>, Failure<A>> {
+    /// Caches an aggregate, unless a newer version of it is cached already.
+    fn cache_put(&self, stream: &StreamId, loaded: Loaded<A>) {
+        let Some(cache) = &self.cache else { return };
+        let mut cache = cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache
+            .peek(stream)
+            .is_none_or(|cached| cached.version <= loaded.version)
+        {
+            cache.put(stream.clone(), loaded);
+        }
+    }
+
+    /// Loads an aggregate: its newest compatible snapshot, then the events after it.
+    pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, Failure<A>> {
+        let (loaded, _) = self.load_stream(&Self::stream(aggregate_id)?, None).await?;
+        Ok(loaded)
+    }
+
+    /// Loads a stream; with `command`, also notes that command's events if met.
+    async fn load_stream(
+        &self,
+        stream: &StreamId,
+        command: Option<&CommandId>,
+    ) -> Result<(Loaded<A>, Handled), Failure<A>> {
+        let first_id = command.map(|c| c.event_id(0));
+        let mut handled: Handled = None;
         let mut loaded = Loaded {
             state: A::default(),
             version: None,
@@ -214,6 +302,22 @@ impl<A: Aggregate> CommandHandler<A> {
         loop {
             let slice = self.store.read_stream(stream, read).await?;
             for recorded in slice.events.iter().cloned() {
+                match (&mut handled, command) {
+                    (None, _) if Some(recorded.id) == first_id => {
+                        handled = Some((recorded.clone(), recorded.clone()))
+                    }
+                    (Some((first, last)), Some(command))
+                        if last.version.next() == recorded.version
+                            && recorded.id
+                                == command.event_id(
+                                    usize::try_from(recorded.version.0 - first.version.0)
+                                        .unwrap_or(usize::MAX),
+                                ) =>
+                    {
+                        *last = recorded.clone();
+                    }
+                    _ => {}
+                }
                 let recorded = self.upcasters.upcast(recorded)?;
                 let event = A::Event::from_stored(&recorded.event_type, &recorded.data)?;
                 loaded.state.apply(&event);
@@ -223,7 +327,7 @@ impl<A: Aggregate> CommandHandler<A> {
             // The stream's own version, so that an append expects exactly what is stored.
             loaded.version = slice.stream_version.or(loaded.version);
             if slice.is_end || slice.events.is_empty() {
-                return Ok(loaded);
+                return Ok((loaded, handled));
             }
         }
     }
@@ -260,14 +364,7 @@ impl<A: Aggregate> CommandHandler<A> {
                 break;
             }
         }
-        Ok(Some(CommandOutcome {
-            stream: stream.clone(),
-            events: usize::try_from(last.version.0 - first.version.0 + 1).unwrap_or(usize::MAX),
-            stream_version: Some(last.version),
-            positions: Some((first.position, last.position)),
-            duplicate: true,
-            attempts: 1,
-        }))
+        Ok(Some(duplicate(stream, &first, &last)))
     }
 
     /// The command's events as the store takes them: deterministic ids, current schema
@@ -302,22 +399,22 @@ impl<A: Aggregate> CommandHandler<A> {
             .collect()
     }
 
-    /// Saves a snapshot when the append crossed a multiple of `snapshot_every`. A failure
-    /// costs only a slower load later, so it is counted, not returned.
-    async fn snapshot_if_due(&self, loaded: Loaded<A>, events: &[A::Event], result: &AppendResult) {
+    /// Saves a snapshot of `state` when the append crossed a multiple of
+    /// `snapshot_every` (from `before`, the version it was decided on). A failure costs
+    /// only a slower load later, so it is counted, not returned.
+    async fn snapshot_if_due(
+        &self,
+        state: &A,
+        before: Option<StreamVersion>,
+        result: &AppendResult,
+    ) {
         let Some(every) = self.options.snapshot_every.filter(|every| *every > 0) else {
             return;
         };
-        let before = loaded.version.map_or(0, |v| v.0 + 1) / every;
-        let after = (result.last_version.0 + 1) / every;
-        if after == before {
+        if before.map_or(0, |v| v.0 + 1) / every == (result.last_version.0 + 1) / every {
             return;
         }
-        let mut state = loaded.state;
-        for event in events {
-            state.apply(event);
-        }
-        let saved = match Json::encode(&state) {
+        let saved = match Json::encode(state) {
             Ok(data) => {
                 let snapshot = NewSnapshot {
                     stream: result.stream.clone(),
@@ -332,6 +429,18 @@ impl<A: Aggregate> CommandHandler<A> {
         let outcome = if saved { "ok" } else { "error" };
         metrics::counter!(names::SNAPSHOTS_TOTAL, names::LABEL_AGGREGATE => A::KIND, names::LABEL_OUTCOME => outcome)
             .increment(1);
+    }
+}
+
+/// The outcome of a command handled before, from its first and last events.
+fn duplicate(stream: &StreamId, first: &RecordedEvent, last: &RecordedEvent) -> CommandOutcome {
+    CommandOutcome {
+        stream: stream.clone(),
+        events: usize::try_from(last.version.0 - first.version.0 + 1).unwrap_or(usize::MAX),
+        stream_version: Some(last.version),
+        positions: Some((first.position, last.position)),
+        duplicate: true,
+        attempts: 1,
     }
 }
 

@@ -220,6 +220,55 @@ async fn a_repeated_command_has_its_effect_once(store: Arc<dyn EventStore>) {
         101,
         "deposited once"
     );
+    // With snapshots, the original events lie before the snapshot and loading never
+    // meets them: a repeated command must still answer with its first outcome.
+    let options = HandlerOptions {
+        snapshot_every: Some(2),
+        ..HandlerOptions::default()
+    };
+    let snapshotting = handler(&store, options);
+    let open = Command::new(
+        "s",
+        Open {
+            id: "s".into(),
+            owner: "ann".into(),
+        },
+    );
+    let opened = snapshotting.execute(open.clone()).await.expect("open");
+    let repeat = Command::new("s", Deposit { amount: 1 });
+    let first = snapshotting.execute(repeat.clone()).await.expect("deposit");
+    for amount in 1..=5 {
+        snapshotting
+            .execute(Command::new("s", Deposit { amount }))
+            .await
+            .expect("deposit");
+    }
+    assert!(
+        snapshotting
+            .load("s")
+            .await
+            .expect("load")
+            .snapshot
+            .is_some()
+    );
+    let again = snapshotting
+        .execute(open)
+        .await
+        .expect("not rejected as already open");
+    assert!(
+        again.duplicate && again.positions == opened.positions,
+        "{again:?}"
+    );
+    let again = snapshotting.execute(repeat).await.expect("repeat");
+    assert!(
+        again.duplicate && again.positions == first.positions,
+        "the re-decided event differs, the id tells"
+    );
+    assert_eq!(
+        snapshotting.load("s").await.expect("load").state.balance,
+        1 + 15
+    );
+
     open_account(&accounts, "b").await;
     let reused = accounts
         .execute(Command::new("b", Deposit { amount: 5 }).with_id(deposit.id.clone()))

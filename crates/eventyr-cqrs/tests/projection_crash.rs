@@ -14,7 +14,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::bank::{Balances, upcasters};
 use eventyr_core::NewEvent;
@@ -141,7 +141,7 @@ async fn child(place: Place) {
     let (store, models) = place.open(&place.catalog()).await;
     let head = store.head().await.expect("head");
     let options = RunnerOptions {
-        batch_size: 250,
+        batch_size: 100,
         ..RunnerOptions::default()
     };
     let list: Vec<Arc<dyn Projection>> = vec![Arc::new(Balances)];
@@ -175,14 +175,19 @@ fn parent(place: &Place, seed: u64) {
     let mut kills_mid_run = 0;
     for round in 0..ROUNDS {
         runtime().block_on(append_round(place, round));
-        let kill_after = Duration::from_millis(rng.u64(5..120));
-        let (lines, finished) = run_child(place, Some(kill_after));
+        // A round is about 12 batches: kill after one of the first six, while the
+        // runner applies the next.
+        let kill = Kill {
+            after_batches: rng.usize(1..=6),
+            delay: Duration::from_micros(rng.u64(0..3000)),
+        };
+        let (lines, finished) = run_child(place, Some(kill));
         let progressed = lines.iter().filter(|l| l.starts_with("checkpoint")).count();
         if !finished {
             kills_mid_run += 1;
         }
         println!(
-            "{place:?} round {round}: killed after {kill_after:?}, {progressed} checkpoints seen, finished: {finished}"
+            "{place:?} round {round}: {kill:?}, {progressed} checkpoints seen, finished: {finished}"
         );
     }
     let (_, finished) = run_child(place, None);
@@ -192,6 +197,13 @@ fn parent(place: &Place, seed: u64) {
         "at least one kill landed before the runner caught up (seed {seed})"
     );
     runtime().block_on(compare_with_rebuild(place, seed));
+}
+
+/// When to SIGKILL the child: after it reports this many applied batches, plus a delay.
+#[derive(Debug, Clone, Copy)]
+struct Kill {
+    after_batches: usize,
+    delay: Duration,
 }
 
 /// Appends accounts with deposits: events whose projection is not idempotent.
@@ -224,9 +236,9 @@ async fn append_round(place: &Place, round: usize) {
     }
 }
 
-/// Runs the child; kills it after `kill_after` (if given and it has not finished).
-/// Returns its output lines and whether it finished by itself.
-fn run_child(place: &Place, kill_after: Option<Duration>) -> (Vec<String>, bool) {
+/// Runs the child; kills it as `kill` says, unless it finishes first. Returns its
+/// output lines and whether it finished by itself.
+fn run_child(place: &Place, kill: Option<Kill>) -> (Vec<String>, bool) {
     let mut child = Command::new(std::env::current_exe().expect("exe"))
         .env(CHILD_ENV, place.to_env())
         .stdout(Stdio::piped())
@@ -234,32 +246,37 @@ fn run_child(place: &Place, kill_after: Option<Duration>) -> (Vec<String>, bool)
         .spawn()
         .expect("spawn child");
     let stdout = child.stdout.take().expect("stdout");
-    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let (progress, reports) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = first_tx.send(());
+            let _ = progress.send(());
             lines.push(line);
         }
         lines
     });
-    let finished = match kill_after {
-        Some(after) => {
-            // Kill only once the runner has started applying.
-            first_rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("the child started");
-            let started = Instant::now();
-            loop {
-                if let Some(status) = child.try_wait().expect("poll child") {
-                    break status.success();
+    let finished = match kill {
+        Some(kill) => {
+            // The first line is the starting checkpoint; each later one is a batch.
+            let mut batches_seen = 0;
+            let mut ended = false;
+            while batches_seen <= kill.after_batches {
+                if reports.recv_timeout(Duration::from_secs(60)).is_err() {
+                    ended = true; // the child closed its output: it has exited
+                    break;
                 }
-                if started.elapsed() >= after {
+                batches_seen += 1;
+            }
+            if !ended {
+                std::thread::sleep(kill.delay);
+            }
+            match child.try_wait().expect("poll child") {
+                Some(status) => status.success(),
+                None => {
                     child.kill().expect("SIGKILL");
                     child.wait().expect("reap");
-                    break false;
+                    false
                 }
-                std::thread::park_timeout(Duration::from_millis(1));
             }
         }
         None => child.wait().expect("wait").success(),

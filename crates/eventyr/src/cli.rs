@@ -202,6 +202,35 @@ pub enum BenchCommand {
     /// Event store appends and reads: the eventstore-benchmarks "concurrent_writers"
     /// workload, on each backend in the same run, with the disk's fsync rate.
     Store(StoreBenchArgs),
+    /// Commands (load, decide, append) and projections on the SQLite backend: command
+    /// throughput against raw appends, with and without snapshots over long histories,
+    /// projection throughput, and projection lag while commands run.
+    Cqrs(CqrsBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CqrsBenchArgs {
+    /// Aggregates the clients pick from at random.
+    #[arg(long, default_value_t = 1000)]
+    pub aggregates: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Events of history per aggregate for the snapshot comparison.
+    #[arg(long, default_value_t = 1000)]
+    pub history: u64,
+    /// Snapshot every this many events in the snapshot run.
+    #[arg(long, default_value_t = 100)]
+    pub snapshot_every: u64,
+    /// How long each measured phase runs, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Repeat everything this many times and report the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

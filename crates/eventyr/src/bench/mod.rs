@@ -2,6 +2,7 @@
 //! measures its peer or physical limit in the same run and reports medians of several
 //! runs, because the machines here are shared and noisy.
 
+mod cqrs;
 mod fsync;
 mod stats;
 mod store;
@@ -12,5 +13,6 @@ use crate::config::Config;
 pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Store(args) => store::run(config, args).await,
+        BenchCommand::Cqrs(args) => cqrs::run(config, args).await,
     }
 }
