@@ -14,7 +14,10 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use eventyr_core::Position;
 use eventyr_store::StoreError;
-use eventyr_store::readmodel::{Generation, ReadModelInfo, ReadModels, check_projection_name};
+use eventyr_store::readmodel::{
+    Generation, ReadModelInfo, ReadModels, check_projection_name, generation_not_found,
+    group_generations,
+};
 use eventyr_store::sql::{SqlRow, SqlStatement, SqlValue};
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Config, NoTls, Row};
@@ -101,9 +104,7 @@ impl PostgresReadModels {
             .map_err(error::postgres)?;
         match found {
             Some(_) => Ok(()),
-            None => Err(StoreError::ReadModelNotFound {
-                projection: format!("{projection} (generation {generation})"),
-            }),
+            None => Err(generation_not_found(projection, generation)),
         }
     }
 }
@@ -494,21 +495,19 @@ impl ReadModels for PostgresReadModels {
             )
             .await
             .map_err(error::postgres)?;
-        let mut infos: Vec<ReadModelInfo> = Vec::new();
+        let mut grouped = Vec::with_capacity(found.len());
         for row in found {
             let projection: String = row.get(0);
             let generation = Generation(row.get::<_, i64>(1).unsigned_abs());
             let current: Option<i64> = row.get(2);
             let checkpoint = self.checkpoint(&projection, generation).await?;
-            match infos.last_mut().filter(|i| i.projection == projection) {
-                Some(info) => info.generations.push((generation, checkpoint)),
-                None => infos.push(ReadModelInfo {
-                    current: current.map(|g| Generation(g.unsigned_abs())),
-                    projection,
-                    generations: vec![(generation, checkpoint)],
-                }),
-            }
+            grouped.push((
+                projection,
+                generation,
+                current.map(|g| Generation(g.unsigned_abs())),
+                checkpoint,
+            ));
         }
-        Ok(infos)
+        Ok(group_generations(grouped))
     }
 }

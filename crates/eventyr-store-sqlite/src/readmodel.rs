@@ -14,7 +14,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eventyr_core::Position;
 use eventyr_store::StoreError;
-use eventyr_store::readmodel::{Generation, ReadModelInfo, ReadModels, check_projection_name};
+use eventyr_store::readmodel::{
+    Generation, ReadModelInfo, ReadModels, check_projection_name, generation_not_found,
+    group_generations,
+};
 use eventyr_store::sql::{SqlRow, SqlStatement, SqlValue, question_mark_placeholders};
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
@@ -155,19 +158,7 @@ impl Inner {
         if let Some(conn) = lock(&self.open).get(&key) {
             return Ok(Arc::clone(conn));
         }
-        let known: Option<i64> = lock(&self.catalog)
-            .query_row(
-                "SELECT generation FROM generations WHERE projection = ?1 AND generation = ?2",
-                params![projection, counter(generation.0)],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(error::sqlite)?;
-        if known.is_none() {
-            return Err(StoreError::ReadModelNotFound {
-                projection: format!("{projection} (generation {generation})"),
-            });
-        }
+        known(&lock(&self.catalog), projection, generation)?;
         let conn = Arc::new(Mutex::new(connect(&self.file(projection, generation))?));
         lock(&self.open).insert(key, Arc::clone(&conn));
         Ok(conn)
@@ -231,19 +222,7 @@ impl Inner {
                 .map_err(error::sqlite)?;
             // Checked under the catalog's write lock: a concurrent promote of a newer
             // generation has either dropped this one already or waits for us.
-            let known: Option<i64> = tx
-                .query_row(
-                    "SELECT generation FROM generations WHERE projection = ?1 AND generation = ?2",
-                    params![projection, counter(generation.0)],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(error::sqlite)?;
-            if known.is_none() {
-                return Err(StoreError::ReadModelNotFound {
-                    projection: format!("{projection} (generation {generation})"),
-                });
-            }
+            known(&tx, projection, generation)?;
             let older = tx
                 .prepare(
                     "SELECT generation FROM generations WHERE projection = ?1 AND generation < ?2",
@@ -381,21 +360,34 @@ impl Inner {
                     .collect::<Result<Vec<_>, _>>()
             })
             .map_err(error::sqlite)?;
-        let mut infos: Vec<ReadModelInfo> = Vec::new();
+        let mut grouped = Vec::with_capacity(rows.len());
         for (projection, generation, current) in rows {
             let generation = Generation(generation.unsigned_abs());
             let checkpoint = self.checkpoint(&projection, generation)?;
-            match infos.last_mut().filter(|i| i.projection == projection) {
-                Some(info) => info.generations.push((generation, checkpoint)),
-                None => infos.push(ReadModelInfo {
-                    current: current.map(|g| Generation(g.unsigned_abs())),
-                    projection,
-                    generations: vec![(generation, checkpoint)],
-                }),
-            }
+            grouped.push((
+                projection,
+                generation,
+                current.map(|g| Generation(g.unsigned_abs())),
+                checkpoint,
+            ));
         }
-        Ok(infos)
+        Ok(group_generations(grouped))
     }
+}
+
+/// Fails unless the catalog holds this generation.
+fn known(catalog: &Connection, projection: &str, generation: Generation) -> Result<(), StoreError> {
+    let found: Option<i64> = catalog
+        .query_row(
+            "SELECT generation FROM generations WHERE projection = ?1 AND generation = ?2",
+            params![projection, counter(generation.0)],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(error::sqlite)?;
+    found
+        .map(drop)
+        .ok_or_else(|| generation_not_found(projection, generation))
 }
 
 fn counter(value: u64) -> i64 {

@@ -41,6 +41,36 @@ pub struct ReadModelInfo {
     pub generations: Vec<(Generation, Position)>,
 }
 
+/// Groups catalog rows `(projection, generation, current, checkpoint)`, ordered by
+/// projection then generation, into one [`ReadModelInfo`] per projection.
+pub fn group_generations(
+    rows: impl IntoIterator<Item = (String, Generation, Option<Generation>, Position)>,
+) -> Vec<ReadModelInfo> {
+    let mut infos: Vec<ReadModelInfo> = Vec::new();
+    for (projection, generation, current, checkpoint) in rows {
+        match infos
+            .last_mut()
+            .filter(|info| info.projection == projection)
+        {
+            Some(info) => info.generations.push((generation, checkpoint)),
+            None => infos.push(ReadModelInfo {
+                projection,
+                current,
+                generations: vec![(generation, checkpoint)],
+            }),
+        }
+    }
+    infos
+}
+
+/// The error for a generation the catalog does not hold (never created, or dropped
+/// when a newer one was promoted).
+pub fn generation_not_found(projection: &str, generation: Generation) -> StoreError {
+    StoreError::ReadModelNotFound {
+        projection: format!("{projection} (generation {generation})"),
+    }
+}
+
 /// Checks a projection name: a lowercase letter, then lowercase letters, digits and
 /// `_`, at most 40 in all. It names files and schemas, so nothing else is allowed.
 pub fn check_projection_name(name: &str) -> Result<(), ValidationError> {
