@@ -14,6 +14,7 @@
 //! | `datacontenttype` | always `application/json` |
 //! | `data` | the data, verbatim |
 //! | `streamversion`, `globalposition` | stream version, global position (decimal strings) |
+//! | `previousversion` | the version of the stream's previous *published* event, when there is one (set by the outbox relay; consumers use it to keep each stream in order) |
 //! | `correlationid`, `causationid`, `traceparent`, `userid` | metadata |
 //!
 //! `streamversion` and `globalposition` are written as strings because the CloudEvents
@@ -61,6 +62,12 @@ pub struct CloudEvent {
         deserialize_with = "integer_or_string"
     )]
     pub globalposition: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integer_or_string"
+    )]
+    pub previousversion: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlationid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +114,7 @@ impl CloudEvent {
             data: Some(event.data.clone()),
             streamversion: Some(event.version.0.to_string()),
             globalposition: Some(event.position.0.to_string()),
+            previousversion: None,
             correlationid: metadata.correlation_id,
             causationid: metadata.causation_id,
             traceparent: metadata.traceparent,
@@ -164,6 +172,15 @@ impl CloudEvent {
             recorded_at: Timestamp::parse_rfc3339(time)
                 .map_err(|e| invalid("time", e.to_string()))?,
         })
+    }
+
+    /// The `previousversion` extension: the version of the stream's previous published
+    /// event, `None` when the producer published none before this one.
+    pub fn previous_version(&self) -> Result<Option<StreamVersion>, CloudEventError> {
+        if self.previousversion.is_none() {
+            return Ok(None);
+        }
+        parse_counter("previousversion", &self.previousversion).map(|v| Some(StreamVersion(v)))
     }
 
     fn split_type(&self) -> Result<(EventType, u32), CloudEventError> {

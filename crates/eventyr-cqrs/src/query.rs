@@ -84,7 +84,7 @@ pub async fn fetch_page<T>(
         query.limit + 1
     );
     let mut rows = read_models
-        .query(&query.projection, SqlStatement { sql, params })
+        .query(&query.projection, SqlStatement::with_params(sql, params))
         .await?;
     let more = rows.len() > query.limit;
     rows.truncate(query.limit);

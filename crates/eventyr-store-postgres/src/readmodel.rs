@@ -16,7 +16,7 @@ use eventyr_core::Position;
 use eventyr_store::StoreError;
 use eventyr_store::readmodel::{
     Generation, ReadModelInfo, ReadModels, check_projection_name, generation_not_found,
-    group_generations,
+    group_generations, is_unit_error,
 };
 use eventyr_store::sql::{SqlRow, SqlStatement, SqlValue};
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
@@ -232,10 +232,11 @@ async fn run(
         let params: Vec<Param<'_>> = statement.params.iter().map(Param).collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        client
+        let rows = client
             .execute(&prepared, &refs)
             .await
             .map_err(statement_error)?;
+        statement.check_rows(rows)?;
     }
     Ok(())
 }
@@ -346,6 +347,43 @@ impl ReadModels for PostgresReadModels {
         tx.commit().await.map_err(error::postgres)
     }
 
+    async fn adopt(
+        &self,
+        projection: &str,
+        generation: Generation,
+    ) -> Result<Generation, StoreError> {
+        check_projection_name(projection)?;
+        let mut client = self.client().await?;
+        let catalog = &self.catalog;
+        let tx = client.transaction().await.map_err(error::postgres)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            &[&format!("{catalog}.{projection}")],
+        )
+        .await
+        .map_err(error::postgres)?;
+        self.known(&tx, projection, generation).await?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {catalog}.current (projection, generation) VALUES ($1, $2) \
+                 ON CONFLICT (projection) DO NOTHING"
+            ),
+            &[&projection, &counter(generation.0)],
+        )
+        .await
+        .map_err(error::postgres)?;
+        let serving: i64 = tx
+            .query_one(
+                &format!("SELECT generation FROM {catalog}.current WHERE projection = $1"),
+                &[&projection],
+            )
+            .await
+            .map_err(error::postgres)?
+            .get(0);
+        tx.commit().await.map_err(error::postgres)?;
+        Ok(Generation(serving.unsigned_abs()))
+    }
+
     async fn discard(&self, projection: &str, generation: Generation) -> Result<(), StoreError> {
         if self.current(projection).await? == Some(generation) {
             return Err(StoreError::Statement {
@@ -439,6 +477,58 @@ impl ReadModels for PostgresReadModels {
             let _ = client.batch_execute("ROLLBACK").await;
         }
         applied
+    }
+
+    async fn execute(
+        &self,
+        projection: &str,
+        generation: Generation,
+        units: Vec<Vec<SqlStatement>>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        check_projection_name(projection)?;
+        let client = self.client().await?;
+        let schema = self.schema(projection, generation);
+        self.known(&client, projection, generation).await?;
+        client
+            .batch_execute(&format!("BEGIN; SET LOCAL search_path TO {schema}"))
+            .await
+            .map_err(error::postgres)?;
+        let executed = async {
+            let mut results = Vec::with_capacity(units.len());
+            for unit in &units {
+                client
+                    .batch_execute("SAVEPOINT unit")
+                    .await
+                    .map_err(error::postgres)?;
+                match run(&client, unit).await {
+                    Ok(()) => {
+                        client
+                            .batch_execute("RELEASE SAVEPOINT unit")
+                            .await
+                            .map_err(error::postgres)?;
+                        results.push(Ok(()));
+                    }
+                    Err(error) if is_unit_error(&error) => {
+                        client
+                            .batch_execute("ROLLBACK TO SAVEPOINT unit; RELEASE SAVEPOINT unit")
+                            .await
+                            .map_err(error::postgres)?;
+                        results.push(Err(error));
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(error::ambiguous)?;
+            Ok(results)
+        }
+        .await;
+        if executed.is_err() && !client.is_closed() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        executed
     }
 
     async fn query(

@@ -4,7 +4,9 @@
 //! queries; `<dir>/<projection>.<generation>.db` holds a generation's tables and its
 //! checkpoint row. Read models are derived data: they run with `synchronous = NORMAL`
 //! (a power cut may drop the last batches, never half of one, and the checkpoint goes
-//! back with them, so they are applied again).
+//! back with them, so they are applied again). State that cannot be derived again (a
+//! consumer's inbox) opens its directory with [`SqliteReadModels::open_durable`]:
+//! `synchronous = FULL`, every commit flushed before it returns.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +18,7 @@ use eventyr_core::Position;
 use eventyr_store::StoreError;
 use eventyr_store::readmodel::{
     Generation, ReadModelInfo, ReadModels, check_projection_name, generation_not_found,
-    group_generations,
+    group_generations, is_unit_error,
 };
 use eventyr_store::sql::{SqlRow, SqlStatement, SqlValue, question_mark_placeholders};
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
@@ -52,6 +54,8 @@ pub struct SqliteReadModels {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
+    /// Commits are flushed before they return (`synchronous = FULL`).
+    durable: bool,
     catalog: Mutex<Connection>,
     /// Open generations, by projection and generation.
     open: Mutex<HashMap<(String, Generation), Shared>>,
@@ -67,16 +71,27 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SqliteReadModels {
-    /// Opens (creating) the read models kept in `dir`.
+    /// Opens (creating) the read models kept in `dir`: derived data, commits not
+    /// flushed one by one.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
-        let dir = dir.into();
+        Self::open_with(dir.into(), false)
+    }
+
+    /// Opens (creating) models kept in `dir` whose every commit is flushed before it
+    /// returns: for state that cannot be derived again, such as inboxes.
+    pub fn open_durable(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        Self::open_with(dir.into(), true)
+    }
+
+    fn open_with(dir: PathBuf, durable: bool) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&dir)
             .map_err(|e| StoreError::unavailable(format!("cannot create {}", dir.display()), e))?;
-        let catalog = connect(&dir.join("catalog.db"))?;
+        let catalog = connect(&dir.join("catalog.db"), durable)?;
         catalog.execute_batch(CATALOG).map_err(error::sqlite)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 dir,
+                durable,
                 catalog: Mutex::new(catalog),
                 open: Mutex::new(HashMap::new()),
             }),
@@ -94,11 +109,15 @@ impl SqliteReadModels {
     }
 }
 
-fn connect(path: &Path) -> Result<Connection, StoreError> {
+fn connect(path: &Path, durable: bool) -> Result<Connection, StoreError> {
     let conn = Connection::open(path).map_err(error::sqlite)?;
     schema::configure(&conn, BUSY_TIMEOUT)?;
-    conn.execute_batch("PRAGMA synchronous = NORMAL;")
-        .map_err(error::sqlite)?;
+    conn.execute_batch(if durable {
+        "PRAGMA synchronous = FULL;"
+    } else {
+        "PRAGMA synchronous = NORMAL;"
+    })
+    .map_err(error::sqlite)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -159,7 +178,10 @@ impl Inner {
             return Ok(Arc::clone(conn));
         }
         known(&lock(&self.catalog), projection, generation)?;
-        let conn = Arc::new(Mutex::new(connect(&self.file(projection, generation))?));
+        let conn = Arc::new(Mutex::new(connect(
+            &self.file(projection, generation),
+            self.durable,
+        )?));
         lock(&self.open).insert(key, Arc::clone(&conn));
         Ok(conn)
     }
@@ -199,7 +221,7 @@ impl Inner {
         };
         let path = self.file(projection, generation);
         remove_files(&path);
-        let built = connect(&path).and_then(|mut conn| {
+        let built = connect(&path, self.durable).and_then(|mut conn| {
             let tx = conn.transaction().map_err(error::sqlite)?;
             for statement in schema {
                 tx.execute_batch(statement).map_err(statement_error)?;
@@ -254,6 +276,29 @@ impl Inner {
         Ok(())
     }
 
+    fn adopt(&self, projection: &str, generation: Generation) -> Result<Generation, StoreError> {
+        let mut catalog = lock(&self.catalog);
+        let tx = catalog
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error::sqlite)?;
+        known(&tx, projection, generation)?;
+        tx.execute(
+            "INSERT INTO current (projection, generation) VALUES (?1, ?2) \
+             ON CONFLICT (projection) DO NOTHING",
+            params![projection, counter(generation.0)],
+        )
+        .map_err(error::sqlite)?;
+        let serving: i64 = tx
+            .query_row(
+                "SELECT generation FROM current WHERE projection = ?1",
+                [projection],
+                |r| r.get(0),
+            )
+            .map_err(error::sqlite)?;
+        tx.commit().map_err(error::sqlite)?;
+        Ok(Generation(serving.unsigned_abs()))
+    }
+
     /// Removes a generation from the catalog and its files.
     fn forget(&self, projection: &str, generation: Generation) -> Result<(), StoreError> {
         lock(&self.catalog)
@@ -306,20 +351,44 @@ impl Inner {
                 actual: Position(at.unsigned_abs()),
             });
         }
-        for statement in statements {
-            let mut prepared = tx
-                .prepare_cached(&question_mark_placeholders(&statement.sql))
-                .map_err(statement_error)?;
-            prepared
-                .execute(params_from_iter(statement.params.iter().map(param)))
-                .map_err(statement_error)?;
-        }
+        run(&tx, statements)?;
         tx.execute(
             "UPDATE eventyr_checkpoint SET position = ?1 WHERE id = 1",
             [counter(to.0)],
         )
         .map_err(error::sqlite)?;
         tx.commit().map_err(error::sqlite)
+    }
+
+    fn execute(
+        &self,
+        projection: &str,
+        generation: Generation,
+        units: &[Vec<SqlStatement>],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let conn = self.generation(projection, generation)?;
+        let mut conn = lock(&conn);
+        let mut tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error::sqlite)?;
+        let mut results = Vec::with_capacity(units.len());
+        for unit in units {
+            let savepoint = tx.savepoint().map_err(error::sqlite)?;
+            match run(&savepoint, unit) {
+                Ok(()) => {
+                    savepoint.commit().map_err(error::sqlite)?;
+                    results.push(Ok(()));
+                }
+                Err(error) if is_unit_error(&error) => {
+                    // Dropping the savepoint rolls it back.
+                    drop(savepoint);
+                    results.push(Err(error));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        tx.commit().map_err(error::sqlite)?;
+        Ok(results)
     }
 
     fn query(&self, projection: &str, statement: &SqlStatement) -> Result<Vec<SqlRow>, StoreError> {
@@ -390,6 +459,20 @@ fn known(catalog: &Connection, projection: &str, generation: Generation) -> Resu
         .ok_or_else(|| generation_not_found(projection, generation))
 }
 
+/// Runs statements in order, checking each one's row expectation.
+fn run(conn: &Connection, statements: &[SqlStatement]) -> Result<(), StoreError> {
+    for statement in statements {
+        let mut prepared = conn
+            .prepare_cached(&question_mark_placeholders(&statement.sql))
+            .map_err(statement_error)?;
+        let rows = prepared
+            .execute(params_from_iter(statement.params.iter().map(param)))
+            .map_err(statement_error)?;
+        statement.check_rows(rows as u64)?;
+    }
+    Ok(())
+}
+
 fn counter(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
@@ -421,6 +504,17 @@ impl ReadModels for SqliteReadModels {
         check_projection_name(projection)?;
         let projection = projection.to_owned();
         self.blocking(move |inner| inner.promote(&projection, generation))
+            .await
+    }
+
+    async fn adopt(
+        &self,
+        projection: &str,
+        generation: Generation,
+    ) -> Result<Generation, StoreError> {
+        check_projection_name(projection)?;
+        let projection = projection.to_owned();
+        self.blocking(move |inner| inner.adopt(&projection, generation))
             .await
     }
 
@@ -460,6 +554,18 @@ impl ReadModels for SqliteReadModels {
         check_projection_name(projection)?;
         let projection = projection.to_owned();
         self.blocking(move |inner| inner.apply(&projection, generation, &statements, from, to))
+            .await
+    }
+
+    async fn execute(
+        &self,
+        projection: &str,
+        generation: Generation,
+        units: Vec<Vec<SqlStatement>>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        check_projection_name(projection)?;
+        let projection = projection.to_owned();
+        self.blocking(move |inner| inner.execute(&projection, generation, &units))
             .await
     }
 

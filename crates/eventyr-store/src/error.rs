@@ -56,6 +56,15 @@ pub enum StoreError {
     /// not help.
     #[error("statement failed: {message}")]
     Statement { message: String },
+    /// A statement changed another number of rows than it expected
+    /// ([`SqlStatement::expect_rows`](crate::sql::SqlStatement::expect_rows)); its unit
+    /// was rolled back.
+    #[error("expected {expected} rows changed, not {actual}, by: {sql}")]
+    UnexpectedRowCount {
+        sql: String,
+        expected: u64,
+        actual: u64,
+    },
     /// The store was closed.
     #[error("event store is closed")]
     Closed,
@@ -86,6 +95,7 @@ impl StoreError {
             Self::CheckpointConflict { .. } => "checkpoint_conflict",
             Self::ReadModelNotFound { .. } => "not_found",
             Self::Statement { .. } => "statement_failed",
+            Self::UnexpectedRowCount { .. } => "unexpected_row_count",
             Self::Closed => "closed",
             Self::Corrupt { .. } => "corrupt",
         }

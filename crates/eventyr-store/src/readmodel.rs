@@ -71,6 +71,16 @@ pub fn generation_not_found(projection: &str, generation: Generation) -> StoreEr
     }
 }
 
+/// Whether a unit's error is its own doing (a refused statement or an unmet row
+/// expectation), so that [`ReadModels::execute`] rolls back that unit alone; any other
+/// error aborts the whole transaction.
+pub fn is_unit_error(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Statement { .. } | StoreError::UnexpectedRowCount { .. }
+    )
+}
+
 /// Checks a projection name: a lowercase letter, then lowercase letters, digits and
 /// `_`, at most 40 in all. It names files and schemas, so nothing else is allowed.
 pub fn check_projection_name(name: &str) -> Result<(), ValidationError> {
@@ -114,6 +124,15 @@ pub trait ReadModels: Send + Sync + fmt::Debug {
     /// it fails with [`StoreError::ReadModelNotFound`].
     async fn promote(&self, projection: &str, generation: Generation) -> Result<(), StoreError>;
 
+    /// Makes `generation` serve queries if no generation serves yet, and returns the
+    /// one that serves. It drops nothing: when two instances create a first generation
+    /// at once, both adopt the same one and the other discards its own.
+    async fn adopt(
+        &self,
+        projection: &str,
+        generation: Generation,
+    ) -> Result<Generation, StoreError>;
+
     /// Drops a generation that will not be promoted.
     async fn discard(&self, projection: &str, generation: Generation) -> Result<(), StoreError>;
 
@@ -135,6 +154,18 @@ pub trait ReadModels: Send + Sync + fmt::Debug {
         from: Position,
         to: Position,
     ) -> Result<(), StoreError>;
+
+    /// Runs units of statements in one transaction, each unit under its own savepoint:
+    /// a unit whose statement fails or changes another number of rows than it expects
+    /// ([`SqlStatement::expect_rows`]) is rolled back alone and its error returned in
+    /// its place; the others commit together (one flush for all). The checkpoint does
+    /// not move. The outer error means nothing was committed.
+    async fn execute(
+        &self,
+        projection: &str,
+        generation: Generation,
+        units: Vec<Vec<SqlStatement>>,
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError>;
 
     /// Runs a query on the generation serving `projection`.
     async fn query(

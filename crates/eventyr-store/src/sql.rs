@@ -105,13 +105,41 @@ impl<T: Into<SqlValue>> From<Option<T>> for SqlValue {
 pub struct SqlStatement {
     pub sql: String,
     pub params: Vec<SqlValue>,
+    /// How many rows the statement must change; any other count rolls back its unit
+    /// with [`StoreError::UnexpectedRowCount`](crate::StoreError::UnexpectedRowCount).
+    /// A conditional write (`UPDATE … WHERE version = $1`, `INSERT … ON CONFLICT DO
+    /// NOTHING`) becomes a check inside the transaction.
+    pub expect_rows: Option<u64>,
 }
 
 impl SqlStatement {
     pub fn new(sql: impl Into<String>) -> Self {
+        Self::with_params(sql, Vec::new())
+    }
+
+    pub fn with_params(sql: impl Into<String>, params: Vec<SqlValue>) -> Self {
         Self {
             sql: sql.into(),
-            params: Vec::new(),
+            params,
+            expect_rows: None,
+        }
+    }
+
+    /// Requires the statement to change exactly `rows` rows.
+    pub fn expect_rows(mut self, rows: u64) -> Self {
+        self.expect_rows = Some(rows);
+        self
+    }
+
+    /// Checks the number of rows the statement changed against its expectation.
+    pub fn check_rows(&self, rows: u64) -> Result<(), crate::StoreError> {
+        match self.expect_rows {
+            Some(expected) if expected != rows => Err(crate::StoreError::UnexpectedRowCount {
+                sql: self.sql.clone(),
+                expected,
+                actual: rows,
+            }),
+            _ => Ok(()),
         }
     }
 

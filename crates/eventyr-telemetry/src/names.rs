@@ -12,6 +12,10 @@ pub const LABEL_COMMAND: &str = "command";
 pub const LABEL_OUTCOME: &str = "outcome";
 /// Label: the projection's name.
 pub const LABEL_PROJECTION: &str = "projection";
+/// Label: the producing service (`order`, `inventory`).
+pub const LABEL_SERVICE: &str = "service";
+/// Label: a bus consumer's name.
+pub const LABEL_CONSUMER: &str = "consumer";
 
 /// Commands handled, by aggregate, command and outcome.
 pub const COMMANDS_TOTAL: &str = "eventyr_commands_total";
@@ -33,8 +37,79 @@ pub const PROJECTION_LAG_SECONDS: &str = "eventyr_projection_lag_seconds";
 /// Failed attempts to apply a batch, by projection.
 pub const PROJECTION_FAILURES_TOTAL: &str = "eventyr_projection_failures_total";
 
+/// Events the outbox relay has published (broker-acknowledged), by service.
+pub const BUS_PUBLISHED_TOTAL: &str = "eventyr_bus_published_total";
+/// Committed events the relay has not published yet, by service.
+pub const BUS_RELAY_LAG_EVENTS: &str = "eventyr_bus_relay_lag_events";
+/// Messages delivered to a consumer instance, redeliveries included.
+pub const BUS_DELIVERED_TOTAL: &str = "eventyr_bus_delivered_total";
+/// Messages a consumer acknowledged (effect committed, duplicate, or dead-lettered).
+pub const BUS_ACKNOWLEDGED_TOTAL: &str = "eventyr_bus_acknowledged_total";
+/// Messages delivered again (after a crash, a timeout or an ordering wait).
+pub const BUS_REDELIVERED_TOTAL: &str = "eventyr_bus_redelivered_total";
+/// Deliveries whose effect had already been committed: acknowledged, not handled.
+pub const BUS_DUPLICATES_TOTAL: &str = "eventyr_bus_duplicates_total";
+/// Handler attempts retried after a transient error.
+pub const BUS_RETRIES_TOTAL: &str = "eventyr_bus_retries_total";
+/// Messages moved to the dead-letter store.
+pub const BUS_DEAD_LETTERED_TOTAL: &str = "eventyr_bus_dead_lettered_total";
+/// Dead letters waiting for an operator (alert when above 0).
+pub const BUS_DEAD_LETTERS: &str = "eventyr_bus_dead_letters";
+/// Messages handled although their stream's previous message never came.
+pub const BUS_ORDER_GAPS_TOTAL: &str = "eventyr_bus_order_gaps_total";
+/// Messages waiting for a consumer (not delivered, or delivered and not acknowledged).
+pub const BUS_CONSUMER_LAG_MESSAGES: &str = "eventyr_bus_consumer_lag_messages";
+/// Age of the messages a consumer handles, when it handles them.
+pub const BUS_CONSUMER_LAG_SECONDS: &str = "eventyr_bus_consumer_lag_seconds";
+
 /// Registers help texts and units with the installed recorder.
 pub fn describe() {
+    describe_counter!(
+        BUS_PUBLISHED_TOTAL,
+        "Events the outbox relay has published, by service."
+    );
+    describe_gauge!(
+        BUS_RELAY_LAG_EVENTS,
+        "Committed events the outbox relay has not published yet."
+    );
+    describe_counter!(
+        BUS_DELIVERED_TOTAL,
+        "Messages delivered to a consumer, redeliveries included."
+    );
+    describe_counter!(BUS_ACKNOWLEDGED_TOTAL, "Messages a consumer acknowledged.");
+    describe_counter!(
+        BUS_REDELIVERED_TOTAL,
+        "Messages delivered to a consumer again."
+    );
+    describe_counter!(
+        BUS_DUPLICATES_TOTAL,
+        "Deliveries whose effect was already committed."
+    );
+    describe_counter!(
+        BUS_RETRIES_TOTAL,
+        "Handler attempts retried after a transient error."
+    );
+    describe_counter!(
+        BUS_DEAD_LETTERED_TOTAL,
+        "Messages moved to the dead-letter store."
+    );
+    describe_gauge!(
+        BUS_DEAD_LETTERS,
+        "Dead letters waiting for an operator; alert when above 0."
+    );
+    describe_counter!(
+        BUS_ORDER_GAPS_TOTAL,
+        "Messages handled although their stream's previous message never came."
+    );
+    describe_gauge!(
+        BUS_CONSUMER_LAG_MESSAGES,
+        "Messages waiting for a consumer."
+    );
+    describe_gauge!(
+        BUS_CONSUMER_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the messages a consumer handles, when it handles them."
+    );
     describe_counter!(
         COMMANDS_TOTAL,
         "Commands handled, by aggregate, command and outcome."

@@ -321,6 +321,93 @@ pub async fn read_models_survive_reopening(backend: &dyn ReadModelBackend) {
     assert_eq!(next, Generation(g.0 + 1));
 }
 
+pub async fn units_commit_together_and_fail_alone(backend: &dyn ReadModelBackend) {
+    let models = backend.location().await.open().await;
+    let g = models.create("items", &schema()).await.expect("create");
+    models.promote("items", g).await.expect("promote");
+    let bump = |id: &str, from: i64| {
+        SqlStatement::new("UPDATE items SET n = n + 1 WHERE id = $1 AND n = $2")
+            .bind(id)
+            .bind(from)
+            .expect_rows(1)
+    };
+    let results = models
+        .execute(
+            "items",
+            g,
+            vec![
+                vec![insert("a", 1), insert("b", 1)],
+                vec![insert("c", 1), bump("a", 7)],
+                vec![SqlStatement::new("INSERT INTO nowhere VALUES (1)")],
+                vec![bump("a", 1), insert("d", 1)],
+            ],
+        )
+        .await
+        .expect("execute");
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    assert!(
+        matches!(
+            results[1],
+            Err(StoreError::UnexpectedRowCount {
+                expected: 1,
+                actual: 0,
+                ..
+            })
+        ),
+        "an unmet expectation: {:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Err(StoreError::Statement { .. })),
+        "a refused statement: {:?}",
+        results[2]
+    );
+    assert!(results[3].is_ok(), "{:?}", results[3]);
+    assert_eq!(
+        ids(&*models, "items").await,
+        vec!["a", "b", "d"],
+        "failed units leave nothing behind, the others commit"
+    );
+    let rows = models
+        .query(
+            "items",
+            SqlStatement::new("SELECT n FROM items WHERE id = $1").bind("a"),
+        )
+        .await
+        .expect("query");
+    assert_eq!(rows[0].int("n"), Some(2));
+    assert_eq!(
+        models.checkpoint("items", g).await.expect("checkpoint"),
+        Position::ZERO,
+        "execute does not move the checkpoint"
+    );
+    let missing = models
+        .execute("items", Generation(g.0 + 9), vec![vec![insert("x", 1)]])
+        .await;
+    assert!(
+        matches!(missing, Err(StoreError::ReadModelNotFound { .. })),
+        "{missing:?}"
+    );
+}
+
+pub async fn the_first_generation_is_adopted_once(backend: &dyn ReadModelBackend) {
+    let location = backend.location().await;
+    let (one, two) = (location.open().await, location.open().await);
+    let mine = one.create("items", &schema()).await.expect("create");
+    let theirs = two.create("items", &schema()).await.expect("create");
+    let serving = two.adopt("items", theirs).await.expect("adopt");
+    assert_eq!(serving, theirs, "nothing served: adopted");
+    assert_eq!(
+        one.adopt("items", mine).await.expect("adopt"),
+        theirs,
+        "something serves already: that one is returned"
+    );
+    one.discard("items", mine).await.expect("discard the loser");
+    assert_eq!(one.current("items").await.expect("current"), Some(theirs));
+    let listed = one.list().await.expect("list");
+    assert_eq!(listed[0].generations.len(), 1, "{listed:?}");
+}
+
 /// Expands to one test per read-model conformance case.
 #[macro_export]
 macro_rules! read_model_suite {
@@ -330,6 +417,8 @@ macro_rules! read_model_suite {
             statements_and_checkpoint_commit_together,
             values_and_placeholders_round_trip,
             read_models_survive_reopening,
+            units_commit_together_and_fail_alone,
+            the_first_generation_is_adopted_once,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {
