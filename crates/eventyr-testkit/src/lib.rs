@@ -8,9 +8,11 @@
 //! A test that needs a server must fail loudly when it cannot get one: the helpers here
 //! panic with the reason and the fix, never skip.
 
+mod nats;
 mod postgres;
 mod process;
 
+pub use crate::nats::{NATS_SERVER_ENV, NatsOptions, NatsServer};
 pub use crate::postgres::{PostgresOptions, PostgresServer, test_postgres_url};
 
 /// Why a server could not be started.

@@ -6,12 +6,13 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 
 use crate::{TestkitError, io};
 
-/// The shell script of the supervisor: start the server in the background, wait until
-/// our end of the pipe closes, then interrupt the server (a fast, clean shutdown for
-/// PostgreSQL, NATS and Redis alike), wait for it and remove its directory. It ignores
-/// SIGINT itself so that Ctrl-C in a terminal reaches the server directly and the
-/// script still reaps it and cleans up.
-const SUPERVISOR: &str = r#"trap '' INT; dir=$1; shift; "$@" & pid=$!; read _; kill -INT "$pid" 2>/dev/null; wait "$pid"; rm -rf "$dir""#;
+/// The shell script of the supervisor: start the server in the background (writing its
+/// pid to a file, if one is named), wait until our end of the pipe closes, then
+/// interrupt the server (a fast, clean shutdown for PostgreSQL, NATS and Redis alike),
+/// wait for it and remove its directory (if one is named). It ignores SIGINT itself so
+/// that Ctrl-C in a terminal reaches the server directly and the script still reaps it
+/// and cleans up.
+const SUPERVISOR: &str = r#"trap '' INT; dir=$1; pidfile=$2; shift 2; "$@" & pid=$!; [ -n "$pidfile" ] && echo "$pid" > "$pidfile"; read _; kill -INT "$pid" 2>/dev/null; wait "$pid"; [ -n "$dir" ] && rm -rf "$dir""#;
 
 /// A server process under a supervisor. Dropping it stops the server and waits.
 #[derive(Debug)]
@@ -24,13 +25,25 @@ impl Supervised {
     /// Starts `program args..` under the supervisor, its output written to `log`;
     /// `dir` is removed once the server has stopped.
     pub fn start(program: &[String], log: &Path, dir: &Path) -> Result<Self, TestkitError> {
+        Self::start_with(program, log, Some(dir), None)
+    }
+
+    /// Like [`Supervised::start`]; removes `dir` only if given, and writes the
+    /// server's pid to `pid_file` if given (to signal it directly).
+    pub fn start_with(
+        program: &[String],
+        log: &Path,
+        dir: Option<&Path>,
+        pid_file: Option<&Path>,
+    ) -> Result<Self, TestkitError> {
         let out = File::create(log).map_err(io("creating the server log"))?;
         let err = out.try_clone().map_err(io("creating the server log"))?;
         let mut supervisor = Command::new("sh")
             .arg("-c")
             .arg(SUPERVISOR)
             .arg("sh")
-            .arg(dir)
+            .arg(dir.map(Path::as_os_str).unwrap_or_default())
+            .arg(pid_file.map(Path::as_os_str).unwrap_or_default())
             .args(program)
             .stdin(Stdio::piped())
             .stdout(out)
