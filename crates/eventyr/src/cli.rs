@@ -66,6 +66,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectionCommand,
     },
+    /// Dead letters: messages consumers gave up on. List them; replay them after a fix.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Measure the system (figures for BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -97,6 +102,39 @@ pub enum ProjectionCommand {
     Rebuild {
         /// The projection's name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest failure first: consumer, id, attempts, error.
+    List {
+        /// Only this consumer's dead letters.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Also list the ones already replayed.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue dead letters for replay: the running consumer handles each again (within
+    /// a second), outside its stream's order. Its effect still happens once.
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["id", "all"]))]
+    Replay {
+        /// The dead letter's id, as `dlq list` shows it.
+        id: Option<String>,
+        /// Every dead letter (of --consumer, or of every consumer).
+        #[arg(long)]
+        all: bool,
+        /// The consumer the dead letters belong to. Default: whichever holds the id.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Wait up to this long for the consumer to replay them and report the
+        /// outcome, e.g. 30s.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
     },
 }
 
@@ -206,6 +244,46 @@ pub enum BenchCommand {
     /// throughput against raw appends, with and without snapshots over long histories,
     /// projection throughput, and projection lag while commands run.
     Cqrs(CqrsBenchArgs),
+    /// Messaging end to end: from an append in a producer's store to the effect
+    /// committed in a consumer's inbox, with 2 competing consumer instances; against
+    /// NATS's own publish rate (nats) or the producer's append rate (inproc).
+    Bus(BusBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BusBenchArgs {
+    /// Bus backends to measure, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "inproc,nats")]
+    pub backend: Vec<BusBenchBackend>,
+    /// Events appended in the throughput phase (and published in NATS's ceiling).
+    #[arg(long, default_value_t = 20_000)]
+    pub events: u64,
+    /// Concurrent closed-loop writers appending to the producer's store.
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// Streams the writers pick from at random.
+    #[arg(long, default_value_t = 1000)]
+    pub streams: u64,
+    /// Messages each consumer instance holds unacknowledged, at most.
+    #[arg(long, default_value_t = 10)]
+    pub max_in_flight: usize,
+    /// How long the paced latency phase runs, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Repeat everything this many times and report the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BusBenchBackend {
+    /// The in-process bus (embedded mode).
+    Inproc,
+    /// NATS JetStream (distributed mode), a throwaway server with per-message sync.
+    Nats,
 }
 
 #[derive(Debug, Args)]

@@ -27,6 +27,8 @@ pub struct StoreConfig {
     pub schema: String,
     /// PostgreSQL schema of the read models' catalog. Default `eventyr_read`.
     pub read_catalog: String,
+    /// PostgreSQL schema of the consumer inboxes' catalog. Default `eventyr_inbox`.
+    pub inbox_catalog: String,
     pub limits: Limits,
 }
 
@@ -46,6 +48,7 @@ struct FileStore {
     database_url: Option<String>,
     schema: Option<String>,
     read_catalog: Option<String>,
+    inbox_catalog: Option<String>,
     event_size_max_bytes: Option<usize>,
 }
 
@@ -84,6 +87,10 @@ impl Config {
                     .store
                     .read_catalog
                     .unwrap_or_else(|| "eventyr_read".into()),
+                inbox_catalog: file
+                    .store
+                    .inbox_catalog
+                    .unwrap_or_else(|| "eventyr_inbox".into()),
                 limits,
             },
         })

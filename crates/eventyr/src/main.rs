@@ -6,6 +6,7 @@ mod bench;
 mod builtin;
 mod cli;
 mod config;
+mod dlq;
 mod events;
 mod output;
 mod projection;
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, EventsCommand, ProjectionCommand};
+use crate::cli::{Cli, Command, DlqCommand, EventsCommand, ProjectionCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,6 +50,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projection { command } => match command {
             ProjectionCommand::Status { json } => projection::status(&config, json).await,
             ProjectionCommand::Rebuild { name } => projection::rebuild(&config, &name).await,
+        },
+        Command::Dlq { command } => match command {
+            DlqCommand::List {
+                consumer,
+                all,
+                json,
+            } => dlq::list(&config, consumer.as_deref(), all, json).await,
+            DlqCommand::Replay {
+                id,
+                all: _,
+                consumer,
+                wait,
+            } => dlq::replay(&config, id.as_deref(), consumer.as_deref(), wait).await,
         },
         Command::Bench { command } => bench::run(&config, command).await,
     }

@@ -3,16 +3,22 @@
 
 use std::io::{self, BufWriter, Stdout, Write};
 
+use eventyr_bus::BusError;
 use eventyr_core::{CloudEvent, RecordedEvent};
 use eventyr_store::StoreError;
 use serde::Serialize;
 
 use crate::cli::{Format, FormatArgs};
 
-/// Prints an error chain; store errors lead with their stable code.
+/// Prints an error chain; store and bus errors lead with their stable code.
 pub fn report(error: &anyhow::Error) {
-    match error.chain().find_map(|e| e.downcast_ref::<StoreError>()) {
-        Some(store_error) => eprintln!("error[{}]: {error:#}", store_error.code()),
+    let code = error.chain().find_map(|e| {
+        e.downcast_ref::<StoreError>()
+            .map(StoreError::code)
+            .or_else(|| e.downcast_ref::<BusError>().map(BusError::code))
+    });
+    match code {
+        Some(code) => eprintln!("error[{code}]: {error:#}"),
         None => eprintln!("error: {error:#}"),
     }
 }
@@ -32,6 +38,16 @@ impl Lines {
             format: format.format,
             source: format.source.clone(),
             flush_each,
+        }
+    }
+
+    /// Lines of plain JSON documents (no events).
+    pub fn json_only() -> Self {
+        Self {
+            out: BufWriter::new(io::stdout()),
+            format: Format::Envelope,
+            source: String::new(),
+            flush_each: false,
         }
     }
 

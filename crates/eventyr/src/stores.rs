@@ -46,6 +46,33 @@ pub fn open_sqlite(path: &Path, config: &Config) -> anyhow::Result<Arc<dyn Event
     Ok(Arc::new(store))
 }
 
+/// The directory of the SQLite consumer inboxes, under the data directory.
+pub const INBOX_DIR: &str = "inbox";
+
+/// Opens the consumers' databases (inboxes, dead letters): durable read models of the
+/// configured backend.
+pub async fn open_inboxes(config: &Config) -> anyhow::Result<Arc<dyn ReadModels>> {
+    match config.store.backend {
+        StoreKind::Sqlite => {
+            let dir = config.data_dir.join(INBOX_DIR);
+            let models = SqliteReadModels::open_durable(&dir)
+                .with_context(|| format!("cannot open the inboxes in {}", dir.display()))?;
+            Ok(Arc::new(models))
+        }
+        StoreKind::Postgres => {
+            let url = config
+                .store
+                .database_url
+                .as_deref()
+                .context("the postgres inboxes need a database URL")?;
+            let models = PostgresReadModels::connect(url, &config.store.inbox_catalog)
+                .await
+                .context("cannot open the postgres inboxes")?;
+            Ok(Arc::new(models))
+        }
+    }
+}
+
 /// Opens the read models of the configured backend.
 pub async fn open_read_models(config: &Config) -> anyhow::Result<Arc<dyn ReadModels>> {
     match config.store.backend {

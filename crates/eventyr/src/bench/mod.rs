@@ -2,6 +2,7 @@
 //! measures its peer or physical limit in the same run and reports medians of several
 //! runs, because the machines here are shared and noisy.
 
+mod bus;
 mod cqrs;
 mod fsync;
 mod stats;
@@ -14,5 +15,6 @@ pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Store(args) => store::run(config, args).await,
         BenchCommand::Cqrs(args) => cqrs::run(config, args).await,
+        BenchCommand::Bus(args) => bus::run(config, args).await,
     }
 }
