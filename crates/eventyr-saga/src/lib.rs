@@ -1,0 +1,20 @@
+//! Sagas: a business transaction across services, run as steps with compensations.
+//!
+//! - [`definition`]: what a saga is: ordered steps, each with a kind (compensable,
+//!   pivot, retriable-only), a timeout, a retry policy, a compensation and an optional
+//!   skip condition. Data and pure functions only.
+//! - [`machine`]: the state machine. `decide(definition, state, input, now, random)`
+//!   returns the events to record; `evolve` folds them into the state; the effects to
+//!   carry out (calls to participants, timers) follow from the recorded events. It
+//!   reads no clock and does no IO.
+//! - [`simulation`]: the machine against simulated participants, network and crashes,
+//!   on a simulated clock from a seed, with the invariants checked.
+
+pub mod definition;
+pub mod machine;
+pub mod simulation;
+
+pub use definition::{DefinitionError, SagaDefinition, Step, StepKind};
+pub use machine::{
+    Effect, Failure, Input, SagaError, SagaEvent, SagaState, SagaStatus, StepCall, TimerKind,
+};
