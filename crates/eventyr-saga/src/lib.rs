@@ -7,14 +7,20 @@
 //!   returns the events to record; `evolve` folds them into the state; the effects to
 //!   carry out (calls to participants, timers) follow from the recorded events. It
 //!   reads no clock and does no IO.
+//! - [`engine`]: the durable orchestrator over an event store, with
+//!   [`participants`] to reach the services.
 //! - [`simulation`]: the machine against simulated participants, network and crashes,
 //!   on a simulated clock from a seed, with the invariants checked.
 
 pub mod definition;
+pub mod engine;
 pub mod machine;
+pub mod participants;
 pub mod simulation;
 
 pub use definition::{DefinitionError, SagaDefinition, Step, StepKind};
+pub use engine::{EngineError, EngineOptions, SagaEngine, SagaHandle, SagaSummary};
 pub use machine::{
     Effect, Failure, Input, SagaError, SagaEvent, SagaState, SagaStatus, StepCall, TimerKind,
 };
+pub use participants::{InProcess, Participants, Sent, StepHandler};

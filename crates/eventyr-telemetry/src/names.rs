@@ -17,6 +17,30 @@ pub const LABEL_SERVICE: &str = "service";
 /// Label: a bus consumer's name.
 pub const LABEL_CONSUMER: &str = "consumer";
 
+/// Label: a saga type (`order`, `trip`).
+pub const LABEL_SAGA_TYPE: &str = "saga_type";
+/// Label: a saga step's name.
+pub const LABEL_STEP: &str = "step";
+/// Label: a saga's final status (`COMPLETED`, `COMPENSATED`, `FAILED`).
+pub const LABEL_STATUS: &str = "status";
+
+/// Sagas started, by type.
+pub const SAGA_STARTED_TOTAL: &str = "eventyr_saga_started_total";
+/// Sagas finished, by type and final status.
+pub const SAGA_FINISHED_TOTAL: &str = "eventyr_saga_finished_total";
+/// Sagas running in this engine.
+pub const SAGA_IN_FLIGHT: &str = "eventyr_saga_in_flight";
+/// From start to finish, by type and final status.
+pub const SAGA_DURATION_SECONDS: &str = "eventyr_saga_duration_seconds";
+/// One attempt of a step (or compensation) from call to reply, by type and step.
+pub const SAGA_STEP_DURATION_SECONDS: &str = "eventyr_saga_step_duration_seconds";
+/// Failed or timed-out step attempts, by type and step.
+pub const SAGA_STEP_FAILURES_TOTAL: &str = "eventyr_saga_step_failures_total";
+/// Compensations given up on (the saga is flagged for manual intervention).
+pub const SAGA_COMPENSATIONS_FAILED_TOTAL: &str = "eventyr_saga_compensations_failed_total";
+/// Timers armed and not yet rung (deadlines and retries).
+pub const SAGA_TIMERS_PENDING: &str = "eventyr_saga_timers_pending";
+
 /// Commands handled, by aggregate, command and outcome.
 pub const COMMANDS_TOTAL: &str = "eventyr_commands_total";
 /// Time from receiving a command to its events being durable.
@@ -145,4 +169,29 @@ pub fn describe() {
         PROJECTION_FAILURES_TOTAL,
         "Failed attempts to apply a batch, by projection."
     );
+    describe_counter!(SAGA_STARTED_TOTAL, "Sagas started, by type.");
+    describe_counter!(
+        SAGA_FINISHED_TOTAL,
+        "Sagas finished, by type and final status (COMPLETED, COMPENSATED, FAILED)."
+    );
+    describe_gauge!(SAGA_IN_FLIGHT, "Sagas running in this engine.");
+    describe_histogram!(
+        SAGA_DURATION_SECONDS,
+        Unit::Seconds,
+        "Saga duration from start to finish, by type and final status."
+    );
+    describe_histogram!(
+        SAGA_STEP_DURATION_SECONDS,
+        Unit::Seconds,
+        "One attempt of a saga step or compensation, from call to reply, by type and step."
+    );
+    describe_counter!(
+        SAGA_STEP_FAILURES_TOTAL,
+        "Failed or timed-out saga step attempts, by type and step."
+    );
+    describe_counter!(
+        SAGA_COMPENSATIONS_FAILED_TOTAL,
+        "Compensations given up on: the saga is FAILED and flagged for manual intervention."
+    );
+    describe_gauge!(SAGA_TIMERS_PENDING, "Saga timers armed and not yet rung.");
 }

@@ -1,0 +1,807 @@
+//! The durable orchestrator: each saga's life is event-sourced in the engine's own
+//! store (stream `saga-<id>`); a decision's events are appended, at the saga's expected
+//! version, before any of their effects is carried out.
+//!
+//! Shape: `SagaEngine::new(...)` → `register(definition)` → `run(shutdown)`, with a
+//! cheap [`SagaHandle`] to start sagas, deliver asynchronous replies and act as an
+//! operator. `run` recovers every unfinished saga from the log first, then serves. Each
+//! running saga is one future (its inputs handled in order: replies, timers, operator
+//! requests); at most `sagas_active_max` run at once, and `start` waits for room.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventyr_core::{Clock, NewEvent, StreamId, StreamVersion, Timestamp};
+use eventyr_store::{
+    EventStore, ExpectedVersion, Filter, ReadAll, ReadStream, StoreError, StreamAppend,
+};
+use eventyr_telemetry::names;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::definition::SagaDefinition;
+use crate::machine::{self, Effect, Failure, Input, SagaError, SagaEvent, SagaState, SagaStatus};
+use crate::participants::{Participants, Sent};
+
+/// The prefix of every saga stream.
+pub const STREAM_PREFIX: &str = "saga-";
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Sagas running at once; `start` waits beyond it. Default 1024.
+    pub sagas_active_max: usize,
+    /// Inputs queued for one saga (asynchronous replies, operator requests); beyond it
+    /// a reply is dropped, and the step's deadline timer retries it. Default 64.
+    pub saga_inputs_max: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            sagas_active_max: 1024,
+            saga_inputs_max: 64,
+        }
+    }
+}
+
+/// Errors of the engine's API.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("no saga type {0} is registered")]
+    UnknownType(String),
+    #[error("no saga {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Refused(#[from] SagaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the saga log of {id} cannot be read: {message}")]
+    Corrupt { id: String, message: String },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl EngineError {
+    /// A stable code for the JSON error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownType(_) => "unknown_saga_type",
+            Self::NotFound(_) => "saga_not_found",
+            Self::Refused(SagaError::Terminal(_)) => "saga_terminal",
+            Self::Refused(SagaError::PastPivot(_)) => "saga_past_pivot",
+            Self::Refused(SagaError::NotRetriable(_)) => "saga_not_retriable",
+            Self::Refused(SagaError::UnknownStep(_)) => "saga_unknown_step",
+            Self::Store(error) => error.code(),
+            Self::Corrupt { .. } => "corrupt",
+            Self::Stopped => "unavailable",
+        }
+    }
+}
+
+type Answer = oneshot::Sender<Result<(), EngineError>>;
+
+enum Command {
+    Start {
+        state: SagaState,
+        events: Vec<SagaEvent>,
+        permit: OwnedSemaphorePermit,
+        answer: Answer,
+    },
+    Input {
+        id: String,
+        input: Input,
+        answer: Option<Answer>,
+    },
+}
+
+struct Shared {
+    store: Arc<dyn EventStore>,
+    participants: Arc<dyn Participants>,
+    clock: Arc<dyn Clock>,
+    definitions: HashMap<String, Arc<SagaDefinition>>,
+    options: EngineOptions,
+    permits: Arc<Semaphore>,
+}
+
+/// The orchestrator, before it runs.
+pub struct SagaEngine {
+    shared: Shared,
+    commands: mpsc::Receiver<Command>,
+    handle: SagaHandle,
+}
+
+/// Talks to a running engine; cheap to clone.
+#[derive(Clone)]
+pub struct SagaHandle {
+    commands: mpsc::Sender<Command>,
+    store: Arc<dyn EventStore>,
+    clock: Arc<dyn Clock>,
+    definitions: Arc<HashMap<String, Arc<SagaDefinition>>>,
+    permits: Arc<Semaphore>,
+}
+
+impl SagaEngine {
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        participants: Arc<dyn Participants>,
+        clock: Arc<dyn Clock>,
+        options: EngineOptions,
+    ) -> Self {
+        let (sender, commands) = mpsc::channel(1024);
+        let permits = Arc::new(Semaphore::new(options.sagas_active_max.max(1)));
+        let handle = SagaHandle {
+            commands: sender,
+            store: Arc::clone(&store),
+            clock: Arc::clone(&clock),
+            definitions: Arc::new(HashMap::new()),
+            permits: Arc::clone(&permits),
+        };
+        Self {
+            shared: Shared {
+                store,
+                participants,
+                clock,
+                definitions: HashMap::new(),
+                options,
+                permits,
+            },
+            commands,
+            handle,
+        }
+    }
+
+    /// Registers a (validated) saga type.
+    pub fn register(mut self, definition: SagaDefinition) -> Self {
+        let definition = Arc::new(definition);
+        self.shared
+            .definitions
+            .insert(definition.saga_type.clone(), Arc::clone(&definition));
+        Arc::make_mut(&mut self.handle.definitions)
+            .insert(definition.saga_type.clone(), definition);
+        self
+    }
+
+    pub fn handle(&self) -> SagaHandle {
+        self.handle.clone()
+    }
+
+    /// Recovers the unfinished sagas, then runs until `shutdown` completes. Sagas in
+    /// flight at shutdown simply stop: their log says where they are, and the next run
+    /// resumes them.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), EngineError> {
+        let Self {
+            shared,
+            mut commands,
+            handle,
+        } = self;
+        drop(handle);
+        let shared = Arc::new(shared);
+        let mut active: HashMap<String, mpsc::Sender<Inbound>> = HashMap::new();
+        let mut running: FuturesUnordered<BoxFuture<'static, String>> = FuturesUnordered::new();
+        let mut recovering = unfinished(&shared.store).await?;
+        tracing::info!(sagas = recovering.len(), "recovering unfinished sagas");
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            metrics::gauge!(names::SAGA_IN_FLIGHT).set(running.len() as f64);
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                Some(id) = running.next(), if !running.is_empty() => {
+                    active.remove(&id);
+                }
+                permit = Arc::clone(&shared.permits).acquire_owned(), if !recovering.is_empty() => {
+                    let permit = permit.map_err(|_| EngineError::Stopped)?;
+                    let id = recovering.pop().expect("guarded");
+                    if !active.contains_key(&id) {
+                        let state = load(&shared.store, &id).await?;
+                        let effects = definition_of(&shared, &state)
+                            .map(|d| machine::recovery_effects(&d, &state))
+                            .unwrap_or_default();
+                        spawn(&shared, &mut active, &mut running, state, Pending::Effects(effects), permit);
+                    }
+                }
+                command = commands.recv() => match command {
+                    None => return Ok(()),
+                    Some(Command::Start { state, events, permit, answer }) => {
+                        let pending = Pending::Start(events, answer);
+                        spawn(&shared, &mut active, &mut running, state, pending, permit);
+                    }
+                    Some(Command::Input { id, input, answer }) => {
+                        deliver(&shared, &mut active, &mut running, id, input, answer).await;
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl SagaHandle {
+    /// Starts a saga of `saga_type` on `data`; returns its id once its start is
+    /// durable. Waits while `sagas_active_max` sagas run.
+    pub async fn start(
+        &self,
+        saga_type: &str,
+        data: Value,
+        correlation_id: Option<String>,
+    ) -> Result<String, EngineError> {
+        let definition = self
+            .definitions
+            .get(saga_type)
+            .ok_or_else(|| EngineError::UnknownType(saga_type.to_owned()))?;
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let events = machine::start(definition, &id, data, correlation_id, self.clock.now());
+        let (answer, answered) = oneshot::channel();
+        let mut state = SagaState::empty(&id);
+        state.saga_type.clone_from(&definition.saga_type);
+        let command = Command::Start {
+            state,
+            events,
+            permit,
+            answer,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| EngineError::Stopped)?;
+        answered.await.map_err(|_| EngineError::Stopped)??;
+        Ok(id)
+    }
+
+    /// An asynchronous participant's reply.
+    pub async fn reply(
+        &self,
+        id: &str,
+        step: &str,
+        attempt: u32,
+        compensation: bool,
+        outcome: Result<Value, Failure>,
+    ) -> Result<(), EngineError> {
+        let input = Input::Reply {
+            step: step.to_owned(),
+            attempt,
+            compensation,
+            outcome,
+        };
+        self.send(id, input, None).await
+    }
+
+    /// Compensates a running saga now.
+    pub async fn abort(&self, id: &str, reason: &str) -> Result<(), EngineError> {
+        let input = Input::Abort {
+            reason: reason.to_owned(),
+        };
+        self.ask(id, input).await
+    }
+
+    /// Runs the failed compensations of a FAILED saga again.
+    pub async fn retry(&self, id: &str) -> Result<(), EngineError> {
+        self.ask(id, Input::Retry).await
+    }
+
+    async fn ask(&self, id: &str, input: Input) -> Result<(), EngineError> {
+        let (answer, answered) = oneshot::channel();
+        self.send(id, input, Some(answer)).await?;
+        answered.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    async fn send(
+        &self,
+        id: &str,
+        input: Input,
+        answer: Option<Answer>,
+    ) -> Result<(), EngineError> {
+        let command = Command::Input {
+            id: id.to_owned(),
+            input,
+            answer,
+        };
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| EngineError::Stopped)
+    }
+
+    /// A saga's state and its whole log (its timeline), read from the store.
+    pub async fn get(
+        &self,
+        id: &str,
+    ) -> Result<(SagaState, Vec<(Timestamp, SagaEvent)>), EngineError> {
+        let events = read_log(&self.store, id).await?;
+        if events.is_empty() {
+            return Err(EngineError::NotFound(id.to_owned()));
+        }
+        let state = SagaState::replay(id, events.iter().map(|(_, e)| e));
+        Ok((state, events))
+    }
+
+    /// Sagas, newest first, optionally only those in `status` (read from the log).
+    pub async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        limit: usize,
+    ) -> Result<Vec<SagaSummary>, EngineError> {
+        let mut sagas: HashMap<String, SagaSummary> = HashMap::new();
+        scan(&self.store, |id, event| {
+            let summary = sagas.entry(id.to_owned()).or_insert_with(|| SagaSummary {
+                id: id.to_owned(),
+                saga_type: String::new(),
+                status: SagaStatus::Started,
+                flagged: false,
+                started_at: Timestamp::UNIX_EPOCH,
+                updated_at: Timestamp::UNIX_EPOCH,
+                reason: None,
+            });
+            summary.apply(event);
+        })
+        .await?;
+        let mut sagas: Vec<SagaSummary> = sagas
+            .into_values()
+            .filter(|s| status.is_none_or(|status| s.status == status))
+            .collect();
+        sagas.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
+        sagas.truncate(limit.max(1));
+        Ok(sagas)
+    }
+}
+
+/// One line of `eventyr saga list`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SagaSummary {
+    pub id: String,
+    pub saga_type: String,
+    pub status: SagaStatus,
+    pub flagged: bool,
+    pub started_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub reason: Option<String>,
+}
+
+impl SagaSummary {
+    fn apply(&mut self, event: &SagaEvent) {
+        let mut state = SagaState::empty(&self.id);
+        state.status = self.status;
+        state.flagged = self.flagged;
+        state.reason = self.reason.take();
+        state.started_at = self.started_at;
+        state.evolve(event);
+        if let SagaEvent::SagaStarted { saga_type, .. } = event {
+            self.saga_type.clone_from(saga_type);
+        }
+        self.status = state.status;
+        self.flagged = state.flagged;
+        self.reason = state.reason;
+        self.started_at = state.started_at;
+        self.updated_at = state.updated_at;
+    }
+}
+
+fn stream_of(id: &str) -> Result<StreamId, EngineError> {
+    StreamId::new(format!("{STREAM_PREFIX}{id}")).map_err(|e| EngineError::Corrupt {
+        id: id.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn decode(id: &str, data: &eventyr_core::Json) -> Result<SagaEvent, EngineError> {
+    data.decode().map_err(|e| EngineError::Corrupt {
+        id: id.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+async fn read_log(
+    store: &Arc<dyn EventStore>,
+    id: &str,
+) -> Result<Vec<(Timestamp, SagaEvent)>, EngineError> {
+    let stream = stream_of(id)?;
+    let mut events = Vec::new();
+    let mut from = StreamVersion::FIRST;
+    loop {
+        let slice = store
+            .read_stream(&stream, ReadStream::forwards(from).limit(1000))
+            .await?;
+        let Some(last) = slice.events.last().map(|e| e.version) else {
+            return Ok(events);
+        };
+        for event in &slice.events {
+            events.push((event.recorded_at, decode(id, &event.data)?));
+        }
+        if Some(last) >= slice.stream_version {
+            return Ok(events);
+        }
+        from = StreamVersion(last.0 + 1);
+    }
+}
+
+async fn load(store: &Arc<dyn EventStore>, id: &str) -> Result<SagaState, EngineError> {
+    let events = read_log(store, id).await?;
+    Ok(SagaState::replay(id, events.iter().map(|(_, e)| e)))
+}
+
+/// Calls `each(saga id, event)` for every saga event in the store, in order.
+async fn scan(
+    store: &Arc<dyn EventStore>,
+    mut each: impl FnMut(&str, &SagaEvent),
+) -> Result<(), EngineError> {
+    let mut read = ReadAll::from(eventyr_core::Position::FIRST)
+        .limit(1000)
+        .filter(Filter::stream_prefix(STREAM_PREFIX));
+    loop {
+        let slice = store.read_all(&read).await?;
+        for event in &slice.events {
+            let id = &event.stream_id.as_str()[STREAM_PREFIX.len()..];
+            each(id, &decode(id, &event.data)?);
+        }
+        if slice.is_end() {
+            return Ok(());
+        }
+        read.from = slice.next;
+    }
+}
+
+/// The ids of the sagas not finished, from the log. (Reads every saga event once; a
+/// read model of saga statuses would make this proportional to the unfinished ones.)
+async fn unfinished(store: &Arc<dyn EventStore>) -> Result<Vec<String>, EngineError> {
+    let mut open: BTreeMap<String, bool> = BTreeMap::new();
+    scan(store, |id, event| match event {
+        SagaEvent::SagaFinished { .. } => {
+            open.remove(id);
+        }
+        SagaEvent::SagaStarted { .. } | SagaEvent::RetryRequested { .. } => {
+            open.insert(id.to_owned(), true);
+        }
+        _ => {}
+    })
+    .await?;
+    Ok(open.into_keys().collect())
+}
+
+fn definition_of(shared: &Shared, state: &SagaState) -> Option<Arc<SagaDefinition>> {
+    let found = shared.definitions.get(&state.saga_type).cloned();
+    if found.is_none() {
+        tracing::error!(saga = %state.id, saga_type = %state.saga_type, "no definition for this saga type; it waits");
+    }
+    found
+}
+
+/// What a saga future does first.
+enum Pending {
+    /// Append the start events, then answer.
+    Start(Vec<SagaEvent>, Answer),
+    /// Carry out these effects (a recovered saga).
+    Effects(Vec<Effect>),
+}
+
+struct Inbound {
+    input: Input,
+    answer: Option<Answer>,
+}
+
+fn spawn(
+    shared: &Arc<Shared>,
+    active: &mut HashMap<String, mpsc::Sender<Inbound>>,
+    running: &mut FuturesUnordered<BoxFuture<'static, String>>,
+    state: SagaState,
+    pending: Pending,
+    permit: OwnedSemaphorePermit,
+) {
+    let Some(definition) = definition_of(shared, &state) else {
+        if let Pending::Start(_, answer) = pending {
+            let _ = answer.send(Err(EngineError::UnknownType(state.saga_type.clone())));
+        }
+        return;
+    };
+    let (sender, inbox) = mpsc::channel(shared.options.saga_inputs_max.max(1));
+    active.insert(state.id.clone(), sender);
+    let saga = Saga {
+        shared: Arc::clone(shared),
+        definition,
+        state,
+        timers: BTreeMap::new(),
+        timer_seq: 0,
+        calls: FuturesUnordered::new(),
+        began: Instant::now(),
+    };
+    running.push(saga.run(pending, inbox, permit).boxed());
+}
+
+/// Hands an input to its saga, waking a finished or idle one from its log.
+async fn deliver(
+    shared: &Arc<Shared>,
+    active: &mut HashMap<String, mpsc::Sender<Inbound>>,
+    running: &mut FuturesUnordered<BoxFuture<'static, String>>,
+    id: String,
+    input: Input,
+    answer: Option<Answer>,
+) {
+    let inbound = Inbound { input, answer };
+    let sent = match active.get(&id) {
+        Some(sender) => sender.try_send(inbound),
+        None => Err(mpsc::error::TrySendError::Closed(inbound)),
+    };
+    let (input, answer) = match sent {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Full(inbound)) => {
+            tracing::warn!(saga = %id, "saga input queue full; input dropped (its timers retry)");
+            if let Some(answer) = inbound.answer {
+                let _ = answer.send(Err(EngineError::Stopped));
+            }
+            return;
+        }
+        // Not running, or has just finished: read it from its log.
+        Err(mpsc::error::TrySendError::Closed(inbound)) => {
+            active.remove(&id);
+            (inbound.input, inbound.answer)
+        }
+    };
+    let state = match load(&shared.store, &id).await {
+        Ok(state) if state.version == 0 => Err(EngineError::NotFound(id.clone())),
+        other => other,
+    };
+    let state = match state {
+        Ok(state) => state,
+        Err(error) => {
+            if let Some(answer) = answer {
+                let _ = answer.send(Err(error));
+            }
+            return;
+        }
+    };
+    if state.status.is_terminal() && !matches!(input, Input::Retry) {
+        if let Some(answer) = answer {
+            let refused = SagaError::Terminal(state.status.as_str());
+            let _ = answer.send(Err(refused.into()));
+        }
+        return;
+    }
+    let Ok(permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
+        if let Some(answer) = answer {
+            let _ = answer.send(Err(EngineError::Stopped));
+        }
+        return;
+    };
+    spawn(
+        shared,
+        active,
+        running,
+        state,
+        Pending::Effects(Vec::new()),
+        permit,
+    );
+    if let Some(sender) = active.get(&id) {
+        let _ = sender.try_send(Inbound { input, answer });
+    }
+}
+
+type CallFuture = BoxFuture<'static, (String, u32, bool, Instant, Sent)>;
+
+/// One running saga.
+struct Saga {
+    shared: Arc<Shared>,
+    definition: Arc<SagaDefinition>,
+    state: SagaState,
+    timers: BTreeMap<(Timestamp, u64), Input>,
+    timer_seq: u64,
+    calls: FuturesUnordered<CallFuture>,
+    began: Instant,
+}
+
+impl Saga {
+    async fn run(
+        mut self,
+        pending: Pending,
+        mut inbox: mpsc::Receiver<Inbound>,
+        _permit: OwnedSemaphorePermit,
+    ) -> String {
+        match pending {
+            Pending::Start(events, answer) => {
+                let started = self.record(events).await;
+                let failed = started.is_err();
+                let _ = answer.send(started);
+                if failed {
+                    return self.state.id;
+                }
+                metrics::counter!(names::SAGA_STARTED_TOTAL, names::LABEL_SAGA_TYPE => self.state.saga_type.clone()).increment(1);
+            }
+            Pending::Effects(effects) => self.carry_out(effects),
+        }
+        while !self.state.status.is_terminal() || !inbox.is_empty() {
+            let next_timer = self.timers.first_key_value().map(|((at, _), _)| *at);
+            let wait = next_timer.map(|at| machine::until(self.shared.clock.now(), at));
+            tokio::select! {
+                inbound = inbox.recv() => {
+                    let Some(Inbound { input, answer }) = inbound else { break };
+                    let result = self.handle(&input).await;
+                    if let Some(answer) = answer {
+                        let _ = answer.send(result);
+                    }
+                }
+                Some((step, attempt, compensation, began, sent)) = self.calls.next(), if !self.calls.is_empty() => {
+                    let labels = [
+                        (names::LABEL_SAGA_TYPE, self.state.saga_type.clone()),
+                        (names::LABEL_STEP, step.clone()),
+                    ];
+                    metrics::histogram!(names::SAGA_STEP_DURATION_SECONDS, &labels).record(began.elapsed());
+                    if let Sent::Replied(outcome) = sent {
+                        if outcome.is_err() {
+                            metrics::counter!(names::SAGA_STEP_FAILURES_TOTAL, &labels).increment(1);
+                        }
+                        let input = Input::Reply { step, attempt, compensation, outcome };
+                        let _ = self.handle(&input).await;
+                    }
+                }
+                () = tokio::time::sleep(wait.unwrap_or(Duration::ZERO)), if wait.is_some() => {
+                    let now = self.shared.clock.now();
+                    while let Some(entry) = self.timers.first_entry() {
+                        if entry.key().0 > now {
+                            break;
+                        }
+                        let input = entry.remove();
+                        metrics::gauge!(names::SAGA_TIMERS_PENDING).decrement(1.0);
+                        let _ = self.handle(&input).await;
+                    }
+                }
+            }
+        }
+        let left = self.timers.len() as f64;
+        metrics::gauge!(names::SAGA_TIMERS_PENDING).decrement(left);
+        self.state.id
+    }
+
+    /// Decides on `input`, records the events, carries out their effects.
+    async fn handle(&mut self, input: &Input) -> Result<(), EngineError> {
+        let now = self.shared.clock.now();
+        let events = machine::decide(&self.definition, &self.state, input, now, fastrand::f64())?;
+        if events.is_empty() {
+            return Ok(());
+        }
+        if let Input::Timer { step, .. } = input
+            && events
+                .iter()
+                .any(|e| matches!(e, SagaEvent::StepTimedOut { .. }))
+        {
+            let labels = [
+                (names::LABEL_SAGA_TYPE, self.state.saga_type.clone()),
+                (names::LABEL_STEP, step.clone()),
+            ];
+            metrics::counter!(names::SAGA_STEP_FAILURES_TOTAL, &labels).increment(1);
+        }
+        self.record(events).await
+    }
+
+    /// Appends `events` at the saga's version; then its effects. If the append's
+    /// outcome is unknown (or another writer moved the saga), the state is reloaded from
+    /// the log and what it waits on is carried out again.
+    async fn record(&mut self, events: Vec<SagaEvent>) -> Result<(), EngineError> {
+        let expected = match self.state.version {
+            0 => ExpectedVersion::NoStream,
+            n => ExpectedVersion::Exact(StreamVersion(n - 1)),
+        };
+        let mut batch = Vec::with_capacity(events.len());
+        for event in &events {
+            let new = NewEvent::json(event.type_name(), event).map_err(StoreError::from)?;
+            batch.push(new);
+        }
+        let append = StreamAppend::new(stream_of(&self.state.id)?, expected, batch);
+        match self.shared.store.append(append).await {
+            Ok(_) => {
+                for event in &events {
+                    self.state.evolve(event);
+                }
+                let effects = machine::effects(&self.definition, &self.state, &events);
+                self.observe(&events);
+                self.carry_out(effects);
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(saga = %self.state.id, %error, "recording a saga decision failed; reloading it");
+                self.reload().await;
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn reload(&mut self) {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match load(&self.shared.store, &self.state.id).await {
+                Ok(state) => {
+                    self.state = state;
+                    self.timers.clear();
+                    let effects = machine::recovery_effects(&self.definition, &self.state);
+                    self.carry_out(effects);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(saga = %self.state.id, %error, "reloading a saga failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    fn observe(&self, events: &[SagaEvent]) {
+        let saga_type = self.state.saga_type.clone();
+        for event in events {
+            match event {
+                SagaEvent::CompensationFailed {
+                    step,
+                    retry_at: None,
+                    error,
+                    ..
+                } => {
+                    tracing::error!(saga = %self.state.id, %step, %error, "Order compensation failed: manual intervention needed");
+                    metrics::counter!(names::SAGA_COMPENSATIONS_FAILED_TOTAL, names::LABEL_SAGA_TYPE => saga_type.clone(), names::LABEL_STEP => step.clone()).increment(1);
+                }
+                SagaEvent::SagaFinished {
+                    status,
+                    reason,
+                    flagged,
+                    ..
+                } => {
+                    let labels = [
+                        (names::LABEL_SAGA_TYPE, saga_type.clone()),
+                        (names::LABEL_STATUS, status.as_str().to_owned()),
+                    ];
+                    metrics::counter!(names::SAGA_FINISHED_TOTAL, &labels).increment(1);
+                    metrics::histogram!(names::SAGA_DURATION_SECONDS, &labels)
+                        .record(self.began.elapsed());
+                    if *flagged {
+                        tracing::error!(saga = %self.state.id, reason = ?reason, "saga FAILED: flagged for manual intervention");
+                    } else {
+                        tracing::info!(saga = %self.state.id, status = status.as_str(), "saga finished");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn carry_out(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Call(call) => {
+                    let participants = Arc::clone(&self.shared.participants);
+                    self.calls.push(
+                        async move {
+                            let began = Instant::now();
+                            let (step, attempt, compensation) =
+                                (call.step.clone(), call.attempt, call.compensation);
+                            let sent = participants.call(call).await;
+                            (step, attempt, compensation, began, sent)
+                        }
+                        .boxed(),
+                    );
+                }
+                Effect::Timer {
+                    step,
+                    attempt,
+                    compensation,
+                    kind,
+                    at,
+                } => {
+                    self.timer_seq += 1;
+                    let input = Input::Timer {
+                        step,
+                        attempt,
+                        compensation,
+                        kind,
+                    };
+                    self.timers.insert((at, self.timer_seq), input);
+                    metrics::gauge!(names::SAGA_TIMERS_PENDING).increment(1.0);
+                }
+                Effect::Finished { .. } => {}
+            }
+        }
+    }
+}
