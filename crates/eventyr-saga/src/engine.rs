@@ -99,7 +99,11 @@ enum Command {
     },
 }
 
+/// Callers waiting for sagas to finish.
+type Waiters = Arc<std::sync::Mutex<HashMap<String, Vec<oneshot::Sender<SagaStatus>>>>>;
+
 struct Shared {
+    waiters: Waiters,
     store: Arc<dyn EventStore>,
     participants: Arc<dyn Participants>,
     clock: Arc<dyn Clock>,
@@ -118,6 +122,7 @@ pub struct SagaEngine {
 /// Talks to a running engine; cheap to clone.
 #[derive(Clone)]
 pub struct SagaHandle {
+    waiters: Waiters,
     commands: mpsc::Sender<Command>,
     store: Arc<dyn EventStore>,
     clock: Arc<dyn Clock>,
@@ -134,7 +139,9 @@ impl SagaEngine {
     ) -> Self {
         let (sender, commands) = mpsc::channel(1024);
         let permits = Arc::new(Semaphore::new(options.sagas_active_max.max(1)));
+        let waiters = Waiters::default();
         let handle = SagaHandle {
+            waiters: Arc::clone(&waiters),
             commands: sender,
             store: Arc::clone(&store),
             clock: Arc::clone(&clock),
@@ -143,6 +150,7 @@ impl SagaEngine {
         };
         Self {
             shared: Shared {
+                waiters,
                 store,
                 participants,
                 clock,
@@ -308,6 +316,32 @@ impl SagaHandle {
             .send(command)
             .await
             .map_err(|_| EngineError::Stopped)
+    }
+
+    /// Waits until saga `id` finishes (of this engine's running sagas, or finished
+    /// already), and returns its final status.
+    pub async fn wait(&self, id: &str) -> Result<SagaStatus, EngineError> {
+        let (sender, finished) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(id.to_owned())
+            .or_default()
+            .push(sender);
+        // It may have finished before the waiter was in place.
+        let state = load(&self.store, id).await?;
+        if state.status.is_terminal() {
+            let waiting = self
+                .waiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(id);
+            for waiter in waiting.into_iter().flatten() {
+                let _ = waiter.send(state.status);
+            }
+            return Ok(state.status);
+        }
+        finished.await.map_err(|_| EngineError::Stopped)
     }
 
     /// A saga's state and its whole log (its timeline), read from the store.
@@ -749,6 +783,15 @@ impl Saga {
                     flagged,
                     ..
                 } => {
+                    let waiting = self
+                        .shared
+                        .waiters
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&self.state.id);
+                    for waiter in waiting.into_iter().flatten() {
+                        let _ = waiter.send(*status);
+                    }
                     let labels = [
                         (names::LABEL_SAGA_TYPE, saga_type.clone()),
                         (names::LABEL_STATUS, status.as_str().to_owned()),

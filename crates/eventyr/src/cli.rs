@@ -248,6 +248,27 @@ pub enum BenchCommand {
     /// committed in a consumer's inbox, with 2 competing consumer instances; against
     /// NATS's own publish rate (nats) or the producer's append rate (inproc).
     Bus(BusBenchArgs),
+    /// Sagas: a 5-step saga against in-process participants on the SQLite backend,
+    /// sagas/s and saga latency at a fixed concurrency, against raw appends at the
+    /// same concurrency on the same disk.
+    Saga(SagaBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SagaBenchArgs {
+    /// Sagas in flight at once (closed-loop clients, each starting a saga and waiting
+    /// for it to finish).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// How long each measured phase runs, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Repeat everything this many times and report the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 mod bus;
 mod cqrs;
 mod fsync;
+mod saga;
 mod stats;
 mod store;
 
@@ -16,5 +17,6 @@ pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Store(args) => store::run(config, args).await,
         BenchCommand::Cqrs(args) => cqrs::run(config, args).await,
         BenchCommand::Bus(args) => bus::run(config, args).await,
+        BenchCommand::Saga(args) => saga::run(config, args).await,
     }
 }
