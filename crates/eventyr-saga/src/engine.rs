@@ -23,6 +23,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use crate::admin::{self, OperatorEvent, SagaAdmin};
 use crate::definition::SagaDefinition;
 use crate::machine::{self, Effect, Failure, Input, SagaError, SagaEvent, SagaState, SagaStatus};
 use crate::participants::{Participants, Sent};
@@ -64,6 +65,9 @@ pub enum EngineError {
     Corrupt { id: String, message: String },
     #[error("the engine has stopped")]
     Stopped,
+    /// The running engine refused an operator's request.
+    #[error("{message}")]
+    Operator { code: String, message: String },
 }
 
 impl EngineError {
@@ -79,6 +83,13 @@ impl EngineError {
             Self::Store(error) => error.code(),
             Self::Corrupt { .. } => "corrupt",
             Self::Stopped => "unavailable",
+            Self::Operator { code, .. } => match code.as_str() {
+                "saga_terminal" => "saga_terminal",
+                "saga_past_pivot" => "saga_past_pivot",
+                "saga_not_retriable" => "saga_not_retriable",
+                "saga_not_found" => "saga_not_found",
+                _ => "saga_refused",
+            },
         }
     }
 }
@@ -194,11 +205,27 @@ impl SagaEngine {
         let mut recovering = unfinished(&shared.store).await?;
         tracing::info!(sagas = recovering.len(), "recovering unfinished sagas");
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut operator = Operator::default();
+        let mut poll = tokio::time::interval(OPERATOR_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commands_open = true;
         loop {
             metrics::gauge!(names::SAGA_IN_FLIGHT).set(running.len() as f64);
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
+                Some((request_id, result)) = operator.answering.next(), if !operator.answering.is_empty() => {
+                    operator.handled(&shared.store, shared.clock.now(), request_id, result).await;
+                }
+                _ = poll.tick() => {
+                    for (request_id, id, input) in operator.requests(&shared.store).await {
+                        let (answer, answered) = oneshot::channel();
+                        deliver(&shared, &mut active, &mut running, id, input, Some(answer)).await;
+                        operator.answering.push(
+                            async move { (request_id, answered.await.unwrap_or(Err(EngineError::Stopped))) }.boxed(),
+                        );
+                    }
+                }
                 Some(id) = running.next(), if !running.is_empty() => {
                     active.remove(&id);
                 }
@@ -213,8 +240,9 @@ impl SagaEngine {
                         spawn(&shared, &mut active, &mut running, state, Pending::Effects(effects), permit);
                     }
                 }
-                command = commands.recv() => match command {
-                    None => return Ok(()),
+                command = commands.recv(), if commands_open => match command {
+                    // No handle is left: the sagas under way go on until shutdown.
+                    None => commands_open = false,
                     Some(Command::Start { state, events, permit, answer }) => {
                         let pending = Pending::Start(events, answer);
                         spawn(&shared, &mut active, &mut running, state, pending, permit);
@@ -349,12 +377,7 @@ impl SagaHandle {
         &self,
         id: &str,
     ) -> Result<(SagaState, Vec<(Timestamp, SagaEvent)>), EngineError> {
-        let events = read_log(&self.store, id).await?;
-        if events.is_empty() {
-            return Err(EngineError::NotFound(id.to_owned()));
-        }
-        let state = SagaState::replay(id, events.iter().map(|(_, e)| e));
-        Ok((state, events))
+        SagaAdmin::new(Arc::clone(&self.store)).get(id).await
     }
 
     /// Sagas, newest first, optionally only those in `status` (read from the log).
@@ -363,27 +386,110 @@ impl SagaHandle {
         status: Option<SagaStatus>,
         limit: usize,
     ) -> Result<Vec<SagaSummary>, EngineError> {
-        let mut sagas: HashMap<String, SagaSummary> = HashMap::new();
-        scan(&self.store, |id, event| {
-            let summary = sagas.entry(id.to_owned()).or_insert_with(|| SagaSummary {
-                id: id.to_owned(),
-                saga_type: String::new(),
-                status: SagaStatus::Started,
-                flagged: false,
-                started_at: Timestamp::UNIX_EPOCH,
-                updated_at: Timestamp::UNIX_EPOCH,
-                reason: None,
-            });
-            summary.apply(event);
-        })
-        .await?;
-        let mut sagas: Vec<SagaSummary> = sagas
-            .into_values()
-            .filter(|s| status.is_none_or(|status| s.status == status))
-            .collect();
-        sagas.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
-        sagas.truncate(limit.max(1));
-        Ok(sagas)
+        list(&self.store, status, limit).await
+    }
+}
+
+/// Sagas, newest first, optionally only those in `status`. (Reads every saga event;
+/// a read model of saga summaries would serve it from an index.)
+pub(crate) async fn list(
+    store: &Arc<dyn EventStore>,
+    status: Option<SagaStatus>,
+    limit: usize,
+) -> Result<Vec<SagaSummary>, EngineError> {
+    let mut sagas: HashMap<String, SagaSummary> = HashMap::new();
+    scan(store, |id, event| {
+        let summary = sagas.entry(id.to_owned()).or_insert_with(|| SagaSummary {
+            id: id.to_owned(),
+            saga_type: String::new(),
+            status: SagaStatus::Started,
+            flagged: false,
+            started_at: Timestamp::UNIX_EPOCH,
+            updated_at: Timestamp::UNIX_EPOCH,
+            reason: None,
+        });
+        summary.apply(event);
+    })
+    .await?;
+    let mut sagas: Vec<SagaSummary> = sagas
+        .into_values()
+        .filter(|s| status.is_none_or(|status| s.status == status))
+        .collect();
+    sagas.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
+    sagas.truncate(limit.max(1));
+    Ok(sagas)
+}
+
+/// How often the engine looks for operator requests.
+const OPERATOR_POLL: Duration = Duration::from_millis(250);
+
+/// Operator requests (see [`admin`]): read from their stream, handed to their sagas,
+/// and answered there.
+#[derive(Default)]
+struct Operator {
+    next: StreamVersion,
+    handled: std::collections::HashSet<String>,
+    answering: FuturesUnordered<BoxFuture<'static, (String, Result<(), EngineError>)>>,
+}
+
+impl Operator {
+    /// New requests not answered yet: (request id, saga id, input).
+    async fn requests(&mut self, store: &Arc<dyn EventStore>) -> Vec<(String, String, Input)> {
+        let (events, next) = match admin::read_operator(store, self.next).await {
+            Ok(read) => read,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read operator requests");
+                return Vec::new();
+            }
+        };
+        self.next = next;
+        let mut requests = Vec::new();
+        for event in events {
+            match event {
+                OperatorEvent::OperatorHandled { request_id, .. } => {
+                    self.handled.insert(request_id);
+                }
+                OperatorEvent::OperatorRequested {
+                    request_id,
+                    saga_id,
+                    action,
+                    reason,
+                    ..
+                } => {
+                    let input = match action {
+                        admin::Action::Retry => Input::Retry,
+                        admin::Action::Abort => Input::Abort {
+                            reason: reason.unwrap_or_else(|| "operator".to_owned()),
+                        },
+                    };
+                    requests.push((request_id, saga_id, input));
+                }
+            }
+        }
+        requests.retain(|(request_id, _, _)| !self.handled.contains(request_id));
+        requests
+    }
+
+    async fn handled(
+        &mut self,
+        store: &Arc<dyn EventStore>,
+        now: Timestamp,
+        request_id: String,
+        result: Result<(), EngineError>,
+    ) {
+        let event = OperatorEvent::OperatorHandled {
+            request_id: request_id.clone(),
+            error: result.err().map(|e| (e.code().to_owned(), e.to_string())),
+            at: now,
+        };
+        match admin::append(store, &event).await {
+            Ok(()) => {
+                self.handled.insert(request_id);
+            }
+            Err(error) => {
+                tracing::warn!(%error, %request_id, "cannot record an operator request's outcome")
+            }
+        }
     }
 }
 
@@ -432,7 +538,7 @@ fn decode(id: &str, data: &eventyr_core::Json) -> Result<SagaEvent, EngineError>
     })
 }
 
-async fn read_log(
+pub(crate) async fn read_log(
     store: &Arc<dyn EventStore>,
     id: &str,
 ) -> Result<Vec<(Timestamp, SagaEvent)>, EngineError> {

@@ -12,12 +12,14 @@
 //! - [`simulation`]: the machine against simulated participants, network and crashes,
 //!   on a simulated clock from a seed, with the invariants checked.
 
+pub mod admin;
 pub mod definition;
 pub mod engine;
 pub mod machine;
 pub mod participants;
 pub mod simulation;
 
+pub use admin::{Action, SagaAdmin};
 pub use definition::{DefinitionError, SagaDefinition, Step, StepKind};
 pub use engine::{EngineError, EngineOptions, SagaEngine, SagaHandle, SagaSummary};
 pub use machine::{

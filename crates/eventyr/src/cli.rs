@@ -71,6 +71,11 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Sagas: list them, show one's timeline, retry a FAILED one, abort a running one.
+    Saga {
+        #[command(subcommand)]
+        command: SagaCommand,
+    },
     /// Measure the system (figures for BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -102,6 +107,48 @@ pub enum ProjectionCommand {
     Rebuild {
         /// The projection's name.
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SagaCommand {
+    /// Sagas, newest first: id, type, status, age, and why it failed.
+    List {
+        /// Only sagas in this status (STARTED, IN_PROGRESS, COMPLETED, COMPENSATING,
+        /// COMPENSATED, FAILED).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One saga's timeline: each step with its attempts, times, durations and errors.
+    Show {
+        id: String,
+        /// Print the saga's state and log as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the failed compensations of a FAILED saga again (after a fix). The running
+    /// engine carries it out.
+    Retry {
+        id: String,
+        /// How long to wait for the engine's answer.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Compensate a running saga now. The running engine carries it out.
+    Abort {
+        id: String,
+        /// Recorded in the saga's log.
+        #[arg(long, default_value = "aborted by an operator")]
+        reason: String,
+        /// How long to wait for the engine's answer.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        wait: Duration,
     },
 }
 

@@ -10,13 +10,15 @@ mod dlq;
 mod events;
 mod output;
 mod projection;
+mod saga;
 mod stores;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use eventyr_saga::Action;
 
-use crate::cli::{Cli, Command, DlqCommand, EventsCommand, ProjectionCommand};
+use crate::cli::{Cli, Command, DlqCommand, EventsCommand, ProjectionCommand, SagaCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -50,6 +52,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projection { command } => match command {
             ProjectionCommand::Status { json } => projection::status(&config, json).await,
             ProjectionCommand::Rebuild { name } => projection::rebuild(&config, &name).await,
+        },
+        Command::Saga { command } => match command {
+            SagaCommand::List {
+                status,
+                limit,
+                json,
+            } => saga::list(&config, status.as_deref(), limit, json).await,
+            SagaCommand::Show { id, json } => saga::show(&config, &id, json).await,
+            SagaCommand::Retry { id, wait } => {
+                saga::request(&config, &id, Action::Retry, None, wait).await
+            }
+            SagaCommand::Abort { id, reason, wait } => {
+                saga::request(&config, &id, Action::Abort, Some(reason), wait).await
+            }
         },
         Command::Dlq { command } => match command {
             DlqCommand::List {

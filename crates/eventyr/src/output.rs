@@ -16,6 +16,10 @@ pub fn report(error: &anyhow::Error) {
         e.downcast_ref::<StoreError>()
             .map(StoreError::code)
             .or_else(|| e.downcast_ref::<BusError>().map(BusError::code))
+            .or_else(|| {
+                e.downcast_ref::<eventyr_saga::EngineError>()
+                    .map(eventyr_saga::EngineError::code)
+            })
     });
     match code {
         Some(code) => eprintln!("error[{code}]: {error:#}"),

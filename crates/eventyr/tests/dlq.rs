@@ -2,8 +2,8 @@
 //! its handler refuses goes to the dead letters, the CLI lists it, the handler is
 //! fixed, the CLI replays it and the running consumer gives it its one effect.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -19,6 +19,8 @@ use eventyr_store::sql::SqlStatement;
 use eventyr_store::{EventStore, ExpectedVersion, StreamAppend};
 use eventyr_store_sqlite::{SqliteOptions, SqliteReadModels, SqliteStore};
 use serde_json::Value;
+
+use common::{run, text, wait_for};
 
 /// Refuses `Refund` events until fixed.
 #[derive(Default)]
@@ -45,39 +47,6 @@ impl Handler for Ledger {
             )
             .bind(message.event.id.to_string()),
         ])
-    }
-}
-
-fn eventyr(dir: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_eventyr"));
-    command
-        .current_dir(dir)
-        .env_remove("EVENTYR_DATA_DIR")
-        .env_remove("EVENTYR_STORE")
-        .env_remove("EVENTYR_DATABASE_URL")
-        .env_remove("EVENTYR_CONFIG")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args);
-    command
-}
-
-async fn run(dir: &Path, args: &[&str]) -> Output {
-    let mut command = eventyr(dir, args);
-    tokio::task::spawn_blocking(move || command.output().expect("run eventyr"))
-        .await
-        .expect("join")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
