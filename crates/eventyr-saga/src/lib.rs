@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod definition;
 pub mod engine;
+pub mod http;
 pub mod machine;
 pub mod participants;
 pub mod simulation;
@@ -22,6 +23,7 @@ pub mod simulation;
 pub use admin::{Action, SagaAdmin};
 pub use definition::{DefinitionError, SagaDefinition, Step, StepKind};
 pub use engine::{EngineError, EngineOptions, SagaEngine, SagaHandle, SagaSummary};
+pub use http::{HttpParticipants, admin_router};
 pub use machine::{
     Effect, Failure, Input, SagaError, SagaEvent, SagaState, SagaStatus, StepCall, TimerKind,
 };

@@ -1,0 +1,245 @@
+//! Sagas over HTTP: participants reached by synchronous HTTP calls, and the engine's
+//! admin API.
+//!
+//! A step call is `POST <url>` with the request body as JSON and the headers
+//! `Idempotency-Key` (the same on every attempt of a step, another for its
+//! compensation), `X-Eventyr-Saga`, `X-Eventyr-Step` and `X-Eventyr-Attempt`; it may
+//! take until the attempt's deadline. A 2xx answer is the step's result; a network
+//! error, a timeout, 408, 429 or a 5xx is a transient failure (the engine retries it
+//! with backoff); any other answer is a refusal (permanent, not retried).
+//!
+//! The admin API (`admin_router`) answers with the JSON error body
+//! `{"error": code, "message": ...}` on failure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use eventyr_core::Clock;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::engine::{EngineError, SagaHandle};
+use crate::machine::{self, Failure, SagaStatus, StepCall};
+use crate::participants::{Participants, Sent};
+
+/// Where a step's action and compensation are.
+#[derive(Debug, Clone)]
+struct Endpoints {
+    action: String,
+    compensation: Option<String>,
+}
+
+/// Participants reached over HTTP, by step.
+#[derive(Debug, Clone)]
+pub struct HttpParticipants {
+    client: reqwest::Client,
+    clock: Arc<dyn Clock>,
+    steps: HashMap<String, Endpoints>,
+}
+
+/// The shortest time an attempt is given, even past its deadline (a recovered call).
+const ATTEMPT_MIN: Duration = Duration::from_millis(100);
+
+impl HttpParticipants {
+    /// Errors: the HTTP client cannot be built.
+    pub fn new(clock: Arc<dyn Clock>) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Self {
+            client,
+            clock,
+            steps: HashMap::new(),
+        })
+    }
+
+    /// Step `step` is `POST action`, its compensation `POST compensation`.
+    pub fn step(
+        mut self,
+        step: impl Into<String>,
+        action: impl Into<String>,
+        compensation: Option<String>,
+    ) -> Self {
+        let endpoints = Endpoints {
+            action: action.into(),
+            compensation,
+        };
+        self.steps.insert(step.into(), endpoints);
+        self
+    }
+}
+
+#[async_trait]
+impl Participants for HttpParticipants {
+    async fn call(&self, call: StepCall) -> Sent {
+        let url = self.steps.get(&call.step).and_then(|e| {
+            if call.compensation {
+                e.compensation.clone()
+            } else {
+                Some(e.action.clone())
+            }
+        });
+        let Some(url) = url else {
+            let what = if call.compensation {
+                "compensation"
+            } else {
+                "action"
+            };
+            return Sent::Replied(Err(Failure::permanent(format!(
+                "no URL for the {what} of step {}",
+                call.step
+            ))));
+        };
+        let timeout = machine::until(self.clock.now(), call.deadline).max(ATTEMPT_MIN);
+        let request = self
+            .client
+            .post(&url)
+            .timeout(timeout)
+            .header("Idempotency-Key", &call.idempotency_key)
+            .header("X-Eventyr-Saga", &call.saga_id)
+            .header("X-Eventyr-Step", &call.step)
+            .header("X-Eventyr-Attempt", call.attempt.to_string())
+            .json(&call.body);
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(error) if error.is_timeout() => {
+                let message = format!("POST {url}: no answer within {timeout:?}");
+                return Sent::Replied(Err(Failure::transient(message)));
+            }
+            Err(error) => {
+                return Sent::Replied(Err(Failure::transient(format!("POST {url}: {error}"))));
+            }
+        };
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Sent::Replied(Ok(value));
+        }
+        let message = value.get("message").and_then(Value::as_str).map_or_else(
+            || String::from_utf8_lossy(&body).into_owned(),
+            str::to_owned,
+        );
+        let error = format!("POST {url}: {status}: {message}");
+        let transient = status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS;
+        Sent::Replied(Err(Failure { error, transient }))
+    }
+}
+
+/// An engine error as the JSON error body.
+struct ApiError(EngineError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.0.code();
+        let status = match code {
+            "saga_not_found" | "unknown_saga_type" => StatusCode::NOT_FOUND,
+            "saga_terminal" | "saga_past_pivot" | "saga_not_retriable" | "saga_refused" => {
+                StatusCode::CONFLICT
+            }
+            "invalid_input" => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let body = json!({ "error": code, "message": self.0.to_string() });
+        (status, Json(body)).into_response()
+    }
+}
+
+fn bad_request(message: String) -> Response {
+    let body = json!({ "error": "invalid_input", "message": message });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AbortBody {
+    reason: Option<String>,
+}
+
+/// The most sagas one list returns.
+const LIST_LIMIT_MAX: usize = 1000;
+
+/// `GET /admin/sagas?status=&limit=`, `GET /admin/sagas/{id}`,
+/// `POST /admin/sagas/{id}/retry`, `POST /admin/sagas/{id}/abort` (body
+/// `{"reason": ...}`, optional). Authorisation (the admin role) is the gateway's.
+pub fn admin_router(handle: SagaHandle) -> Router {
+    Router::new()
+        .route("/admin/sagas", get(list))
+        .route("/admin/sagas/{id}", get(show))
+        .route("/admin/sagas/{id}/retry", post(retry))
+        .route("/admin/sagas/{id}/abort", post(abort))
+        .with_state(handle)
+}
+
+async fn list(State(handle): State<SagaHandle>, Query(query): Query<ListQuery>) -> Response {
+    let status = match query.status.as_deref().map(SagaStatus::parse) {
+        None => None,
+        Some(Some(status)) => Some(status),
+        Some(None) => return bad_request(format!("unknown status {:?}", query.status)),
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, LIST_LIMIT_MAX);
+    match handle.list(status, limit).await {
+        Ok(sagas) => Json(sagas).into_response(),
+        Err(error) => ApiError(error).into_response(),
+    }
+}
+
+async fn show(State(handle): State<SagaHandle>, Path(id): Path<String>) -> Response {
+    match handle.get(&id).await {
+        Ok((state, log)) => {
+            let events: Vec<Value> = log
+                .iter()
+                .map(|(at, event)| json!({ "recorded_at": at, "event": event }))
+                .collect();
+            Json(json!({
+                "id": state.id,
+                "saga_type": state.saga_type,
+                "status": state.status,
+                "flagged": state.flagged,
+                "reason": state.reason,
+                "correlation_id": state.correlation_id,
+                "data": state.data,
+                "started_at": state.started_at,
+                "updated_at": state.updated_at,
+                "events": events,
+            }))
+            .into_response()
+        }
+        Err(error) => ApiError(error).into_response(),
+    }
+}
+
+async fn retry(State(handle): State<SagaHandle>, Path(id): Path<String>) -> Response {
+    match handle.retry(&id).await {
+        Ok(()) => Json(json!({ "id": id, "accepted": true })).into_response(),
+        Err(error) => ApiError(error).into_response(),
+    }
+}
+
+async fn abort(
+    State(handle): State<SagaHandle>,
+    Path(id): Path<String>,
+    body: Option<Json<AbortBody>>,
+) -> Response {
+    let reason = body
+        .and_then(|Json(b)| b.reason)
+        .unwrap_or_else(|| "aborted by an operator".to_owned());
+    match handle.abort(&id, &reason).await {
+        Ok(()) => Json(json!({ "id": id, "accepted": true })).into_response(),
+        Err(error) => ApiError(error).into_response(),
+    }
+}
