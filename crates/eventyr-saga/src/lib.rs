@@ -13,6 +13,7 @@
 //!   on a simulated clock from a seed, with the invariants checked.
 
 pub mod admin;
+pub mod bus;
 pub mod definition;
 pub mod engine;
 pub mod http;
@@ -21,6 +22,7 @@ pub mod participants;
 pub mod simulation;
 
 pub use admin::{Action, SagaAdmin};
+pub use bus::{BusParticipants, CommandHandler, ReplyHandler};
 pub use definition::{DefinitionError, SagaDefinition, Step, StepKind};
 pub use engine::{EngineError, EngineOptions, SagaEngine, SagaHandle, SagaSummary};
 pub use http::{HttpParticipants, admin_router};
