@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod bus;
+pub mod choreography;
 pub mod definition;
 pub mod engine;
 pub mod http;

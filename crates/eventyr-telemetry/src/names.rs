@@ -38,6 +38,11 @@ pub const SAGA_STEP_DURATION_SECONDS: &str = "eventyr_saga_step_duration_seconds
 pub const SAGA_STEP_FAILURES_TOTAL: &str = "eventyr_saga_step_failures_total";
 /// Compensations given up on (the saga is flagged for manual intervention).
 pub const SAGA_COMPENSATIONS_FAILED_TOTAL: &str = "eventyr_saga_compensations_failed_total";
+/// Choreographed flows not finished within their deadline, by flow (as of the last
+/// look at the tracker).
+pub const SAGA_FLOWS_STUCK: &str = "eventyr_saga_flows_stuck";
+/// Label: a choreographed flow's name.
+pub const LABEL_FLOW: &str = "flow";
 /// Timers armed and not yet rung (deadlines and retries).
 pub const SAGA_TIMERS_PENDING: &str = "eventyr_saga_timers_pending";
 
@@ -194,4 +199,8 @@ pub fn describe() {
         "Compensations given up on: the saga is FAILED and flagged for manual intervention."
     );
     describe_gauge!(SAGA_TIMERS_PENDING, "Saga timers armed and not yet rung.");
+    describe_gauge!(
+        SAGA_FLOWS_STUCK,
+        "Choreographed flows not finished within their deadline, by flow."
+    );
 }
