@@ -60,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             } => saga::list(&config, status.as_deref(), limit, json).await,
             SagaCommand::Show { id, json } => saga::show(&config, &id, json).await,
+            SagaCommand::Simulate { seeds, from, sagas } => saga::simulate(seeds, from, sagas),
             SagaCommand::Retry { id, wait } => {
                 saga::request(&config, &id, Action::Retry, None, wait).await
             }

@@ -160,3 +160,19 @@ async fn failed_sagas_are_listed_shown_and_retried_and_running_ones_aborted_from
     assert!(!bad.status.success() && text(&bad.stderr).contains("unknown status"));
     running.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulation_runs_from_the_cli_and_names_its_seeds() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ran = run(
+        dir.path(),
+        &["saga", "simulate", "--seeds", "5", "--from", "7"],
+    )
+    .await;
+    assert!(ran.status.success(), "{}", text(&ran.stderr));
+    assert!(
+        text(&ran.stdout).contains("5 seeds from 7, 20 sagas each: every invariant held"),
+        "{}",
+        text(&ran.stdout)
+    );
+}
