@@ -57,6 +57,8 @@ pub enum EngineError {
     UnknownType(String),
     #[error("no saga {0}")]
     NotFound(String),
+    #[error("a saga id must be 1 to 128 of a-z, A-Z, 0-9, '-', '_', '.' and ':': {0:?}")]
+    InvalidId(String),
     #[error(transparent)]
     Refused(#[from] SagaError),
     #[error(transparent)]
@@ -65,6 +67,10 @@ pub enum EngineError {
     Corrupt { id: String, message: String },
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine runs as many sagas as it may (`sagas_active_max`), or the saga's
+    /// input queue is full; a retry later may work.
+    #[error("the engine is busy; try again")]
+    Busy,
     /// The running engine refused an operator's request.
     #[error("{message}")]
     Operator { code: String, message: String },
@@ -76,13 +82,14 @@ impl EngineError {
         match self {
             Self::UnknownType(_) => "unknown_saga_type",
             Self::NotFound(_) => "saga_not_found",
+            Self::InvalidId(_) => "invalid_input",
             Self::Refused(SagaError::Terminal(_)) => "saga_terminal",
             Self::Refused(SagaError::PastPivot(_)) => "saga_past_pivot",
             Self::Refused(SagaError::NotRetriable(_)) => "saga_not_retriable",
             Self::Refused(SagaError::UnknownStep(_)) => "saga_unknown_step",
             Self::Store(error) => error.code(),
             Self::Corrupt { .. } => "corrupt",
-            Self::Stopped => "unavailable",
+            Self::Stopped | Self::Busy => "unavailable",
             Self::Operator { code, .. } => match code.as_str() {
                 "saga_terminal" => "saga_terminal",
                 "saga_past_pivot" => "saga_past_pivot",
@@ -200,8 +207,7 @@ impl SagaEngine {
         } = self;
         drop(handle);
         let shared = Arc::new(shared);
-        let mut active: HashMap<String, mpsc::Sender<Inbound>> = HashMap::new();
-        let mut running: FuturesUnordered<BoxFuture<'static, String>> = FuturesUnordered::new();
+        let mut sagas = Sagas::default();
         let mut recovering = unfinished(&shared.store).await?;
         tracing::info!(sagas = recovering.len(), "recovering unfinished sagas");
         let mut shutdown = std::pin::pin!(shutdown);
@@ -210,7 +216,7 @@ impl SagaEngine {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut commands_open = true;
         loop {
-            metrics::gauge!(names::SAGA_IN_FLIGHT).set(running.len() as f64);
+            metrics::gauge!(names::SAGA_IN_FLIGHT).set(sagas.running.len() as f64);
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
@@ -220,35 +226,35 @@ impl SagaEngine {
                 _ = poll.tick() => {
                     for (request_id, id, input) in operator.requests(&shared.store).await {
                         let (answer, answered) = oneshot::channel();
-                        deliver(&shared, &mut active, &mut running, id, input, Some(answer)).await;
+                        sagas.deliver(&shared, id, input, Some(answer)).await;
                         operator.answering.push(
                             async move { (request_id, answered.await.unwrap_or(Err(EngineError::Stopped))) }.boxed(),
                         );
                     }
                 }
-                Some(id) = running.next(), if !running.is_empty() => {
-                    active.remove(&id);
+                Some((id, generation)) = sagas.running.next(), if !sagas.running.is_empty() => {
+                    sagas.finished(&id, generation);
                 }
                 permit = Arc::clone(&shared.permits).acquire_owned(), if !recovering.is_empty() => {
                     let permit = permit.map_err(|_| EngineError::Stopped)?;
                     let id = recovering.pop().expect("guarded");
-                    if !active.contains_key(&id) {
+                    if !sagas.active.contains_key(&id) {
                         let state = load(&shared.store, &id).await?;
-                        let effects = definition_of(&shared, &state)
-                            .map(|d| machine::recovery_effects(&d, &state))
-                            .unwrap_or_default();
-                        spawn(&shared, &mut active, &mut running, state, Pending::Effects(effects), permit);
+                        sagas.resume(&shared, state, permit);
                     }
                 }
                 command = commands.recv(), if commands_open => match command {
                     // No handle is left: the sagas under way go on until shutdown.
                     None => commands_open = false,
                     Some(Command::Start { state, events, permit, answer }) => {
-                        let pending = Pending::Start(events, answer);
-                        spawn(&shared, &mut active, &mut running, state, pending, permit);
+                        if sagas.active.contains_key(&state.id) {
+                            let _ = answer.send(Ok(())); // Started already, and running.
+                        } else {
+                            sagas.spawn(&shared, state, Pending::Start(events, answer), permit);
+                        }
                     }
                     Some(Command::Input { id, input, answer }) => {
-                        deliver(&shared, &mut active, &mut running, id, input, answer).await;
+                        sagas.deliver(&shared, id, input, answer).await;
                     }
                 },
             }
@@ -265,6 +271,29 @@ impl SagaHandle {
         data: Value,
         correlation_id: Option<String>,
     ) -> Result<String, EngineError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.start_with_id(saga_type, &id, data, correlation_id)
+            .await?;
+        Ok(id)
+    }
+
+    /// Starts saga `id` (for example derived from the business key, such as the
+    /// order's id) unless it exists: a start retried after an unknown outcome starts
+    /// one saga. Errors: unknown type, an invalid id, the store.
+    pub async fn start_with_id(
+        &self,
+        saga_type: &str,
+        id: &str,
+        data: Value,
+        correlation_id: Option<String>,
+    ) -> Result<(), EngineError> {
+        let valid = (1..=128).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        if !valid {
+            return Err(EngineError::InvalidId(id.to_owned()));
+        }
         let definition = self
             .definitions
             .get(saga_type)
@@ -273,10 +302,9 @@ impl SagaHandle {
             .acquire_owned()
             .await
             .map_err(|_| EngineError::Stopped)?;
-        let id = uuid::Uuid::now_v7().to_string();
-        let events = machine::start(definition, &id, data, correlation_id, self.clock.now());
+        let events = machine::start(definition, id, data, correlation_id, self.clock.now());
         let (answer, answered) = oneshot::channel();
-        let mut state = SagaState::empty(&id);
+        let mut state = SagaState::empty(id);
         state.saga_type.clone_from(&definition.saga_type);
         let command = Command::Start {
             state,
@@ -288,8 +316,7 @@ impl SagaHandle {
             .send(command)
             .await
             .map_err(|_| EngineError::Stopped)?;
-        answered.await.map_err(|_| EngineError::Stopped)??;
-        Ok(id)
+        answered.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// An asynchronous participant's reply.
@@ -626,99 +653,112 @@ struct Inbound {
     answer: Option<Answer>,
 }
 
-fn spawn(
-    shared: &Arc<Shared>,
-    active: &mut HashMap<String, mpsc::Sender<Inbound>>,
-    running: &mut FuturesUnordered<BoxFuture<'static, String>>,
-    state: SagaState,
-    pending: Pending,
-    permit: OwnedSemaphorePermit,
-) {
-    let Some(definition) = definition_of(shared, &state) else {
-        if let Pending::Start(_, answer) = pending {
-            let _ = answer.send(Err(EngineError::UnknownType(state.saga_type.clone())));
-        }
-        return;
-    };
-    let (sender, inbox) = mpsc::channel(shared.options.saga_inputs_max.max(1));
-    active.insert(state.id.clone(), sender);
-    let saga = Saga {
-        shared: Arc::clone(shared),
-        definition,
-        state,
-        timers: BTreeMap::new(),
-        timer_seq: 0,
-        calls: FuturesUnordered::new(),
-        began: Instant::now(),
-    };
-    running.push(saga.run(pending, inbox, permit).boxed());
+/// The sagas running in this engine. A saga that finishes and is woken again (an
+/// operator's retry, a late reply) runs as a new generation; only the generation that
+/// ended leaves the registry.
+#[derive(Default)]
+struct Sagas {
+    active: HashMap<String, (u64, mpsc::Sender<Inbound>)>,
+    running: FuturesUnordered<BoxFuture<'static, (String, u64)>>,
+    generation: u64,
 }
 
-/// Hands an input to its saga, waking a finished or idle one from its log.
-async fn deliver(
-    shared: &Arc<Shared>,
-    active: &mut HashMap<String, mpsc::Sender<Inbound>>,
-    running: &mut FuturesUnordered<BoxFuture<'static, String>>,
-    id: String,
-    input: Input,
-    answer: Option<Answer>,
-) {
-    let inbound = Inbound { input, answer };
-    let sent = match active.get(&id) {
-        Some(sender) => sender.try_send(inbound),
-        None => Err(mpsc::error::TrySendError::Closed(inbound)),
-    };
-    let (input, answer) = match sent {
-        Ok(()) => return,
-        Err(mpsc::error::TrySendError::Full(inbound)) => {
-            tracing::warn!(saga = %id, "saga input queue full; input dropped (its timers retry)");
-            if let Some(answer) = inbound.answer {
-                let _ = answer.send(Err(EngineError::Stopped));
+impl Sagas {
+    fn spawn(
+        &mut self,
+        shared: &Arc<Shared>,
+        state: SagaState,
+        pending: Pending,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let Some(definition) = definition_of(shared, &state) else {
+            if let Pending::Start(_, answer) = pending {
+                let _ = answer.send(Err(EngineError::UnknownType(state.saga_type.clone())));
             }
             return;
-        }
-        // Not running, or has just finished: read it from its log.
-        Err(mpsc::error::TrySendError::Closed(inbound)) => {
-            active.remove(&id);
-            (inbound.input, inbound.answer)
-        }
-    };
-    let state = match load(&shared.store, &id).await {
-        Ok(state) if state.version == 0 => Err(EngineError::NotFound(id.clone())),
-        other => other,
-    };
-    let state = match state {
-        Ok(state) => state,
-        Err(error) => {
-            if let Some(answer) = answer {
-                let _ = answer.send(Err(error));
-            }
-            return;
-        }
-    };
-    if state.status.is_terminal() && !matches!(input, Input::Retry) {
-        if let Some(answer) = answer {
-            let refused = SagaError::Terminal(state.status.as_str());
-            let _ = answer.send(Err(refused.into()));
-        }
-        return;
+        };
+        let (sender, inbox) = mpsc::channel(shared.options.saga_inputs_max.max(1));
+        self.generation += 1;
+        let generation = self.generation;
+        self.active.insert(state.id.clone(), (generation, sender));
+        let saga = Saga {
+            shared: Arc::clone(shared),
+            definition,
+            state,
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            calls: FuturesUnordered::new(),
+            began: Instant::now(),
+        };
+        self.running.push(
+            saga.run(pending, inbox, permit)
+                .map(move |id| (id, generation))
+                .boxed(),
+        );
     }
-    let Ok(permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
-        if let Some(answer) = answer {
-            let _ = answer.send(Err(EngineError::Stopped));
+
+    /// Runs a saga read from its log: what it waits on (calls, timers) goes again.
+    fn resume(&mut self, shared: &Arc<Shared>, state: SagaState, permit: OwnedSemaphorePermit) {
+        let effects = definition_of(shared, &state)
+            .map(|d| machine::recovery_effects(&d, &state))
+            .unwrap_or_default();
+        self.spawn(shared, state, Pending::Effects(effects), permit);
+    }
+
+    fn finished(&mut self, id: &str, generation: u64) {
+        if self.active.get(id).is_some_and(|(g, _)| *g == generation) {
+            self.active.remove(id);
         }
-        return;
-    };
-    spawn(
-        shared,
-        active,
-        running,
-        state,
-        Pending::Effects(Vec::new()),
-        permit,
-    );
-    if let Some(sender) = active.get(&id) {
-        let _ = sender.try_send(Inbound { input, answer });
+    }
+
+    /// Hands an input to its saga, waking a finished or idle one from its log.
+    async fn deliver(
+        &mut self,
+        shared: &Arc<Shared>,
+        id: String,
+        input: Input,
+        answer: Option<Answer>,
+    ) {
+        let inbound = Inbound { input, answer };
+        let sent = match self.active.get(&id) {
+            Some((_, sender)) => sender.try_send(inbound),
+            None => Err(mpsc::error::TrySendError::Closed(inbound)),
+        };
+        let (input, answer) = match sent {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(inbound)) => {
+                tracing::warn!(saga = %id, "saga input queue full; input dropped (its timers retry)");
+                answer_with(inbound.answer, EngineError::Busy);
+                return;
+            }
+            // Not running, or has just finished: read it from its log.
+            Err(mpsc::error::TrySendError::Closed(inbound)) => (inbound.input, inbound.answer),
+        };
+        let state = match load(&shared.store, &id).await {
+            Ok(state) if state.version == 0 => Err(EngineError::NotFound(id.clone())),
+            other => other,
+        };
+        let state = match state {
+            Ok(state) => state,
+            Err(error) => return answer_with(answer, error),
+        };
+        if state.status.is_terminal() && !matches!(input, Input::Retry) {
+            let refused = SagaError::Terminal(state.status.as_str());
+            return answer_with(answer, refused.into());
+        }
+        let Ok(permit) = Arc::clone(&shared.permits).try_acquire_owned() else {
+            return answer_with(answer, EngineError::Busy);
+        };
+        self.resume(shared, state, permit);
+        if let Some((_, sender)) = self.active.get(&id) {
+            let _ = sender.try_send(Inbound { input, answer });
+        }
+    }
+}
+
+fn answer_with(answer: Option<Answer>, error: EngineError) {
+    if let Some(answer) = answer {
+        let _ = answer.send(Err(error));
     }
 }
 
@@ -745,11 +785,13 @@ impl Saga {
         match pending {
             Pending::Start(events, answer) => {
                 let started = self.record(events).await;
-                let failed = started.is_err();
-                let _ = answer.send(started);
-                if failed {
+                // A failed append may have committed (its answer lost): the reload
+                // says. If the saga exists, it runs and its start succeeded.
+                if started.is_err() && self.state.version == 0 {
+                    let _ = answer.send(started);
                     return self.state.id;
                 }
+                let _ = answer.send(Ok(()));
                 metrics::counter!(names::SAGA_STARTED_TOTAL, names::LABEL_SAGA_TYPE => self.state.saga_type.clone()).increment(1);
             }
             Pending::Effects(effects) => self.carry_out(effects),

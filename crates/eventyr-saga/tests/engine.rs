@@ -417,3 +417,32 @@ async fn asynchronous_participants_reply_later_and_duplicates_are_harmless() {
     replier.abort();
     let _ = replier.map(|_| ()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_by_business_key_is_idempotent() {
+    let world = World::new();
+    let engine = world.start();
+    for _ in 0..3 {
+        engine
+            .handle
+            .start_with_id("trip", "order-42", json!({ "hotel": true }), None)
+            .await
+            .expect("starts once, then answers as started");
+    }
+    let log = wait_for(&engine.handle, "order-42", SagaStatus::Completed).await;
+    assert_eq!(count(&log, "SagaStarted"), 1, "{log:?}");
+    engine
+        .handle
+        .start_with_id("trip", "order-42", json!({}), None)
+        .await
+        .expect("a finished saga is not started again");
+    let (_, log) = engine.handle.get("order-42").await.expect("saga");
+    assert_eq!(log.len(), 12, "nothing added");
+    let bad = engine
+        .handle
+        .start_with_id("trip", "", json!({}), None)
+        .await
+        .expect_err("an empty id");
+    assert_eq!(bad.code(), "invalid_input");
+    engine.stop().await;
+}
