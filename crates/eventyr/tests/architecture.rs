@@ -2,7 +2,9 @@
 //! - eventyr-core knows no async runtime, database, HTTP or broker crate;
 //! - trait crates never depend on their adapters, and only the `eventyr` binary picks
 //!   adapters (normal dependencies; tests may use any);
-//! - crates/* never depend on services/*, and services never depend on each other.
+//! - crates/* never depend on services/* (but the binary, the composition root that runs
+//!   them all), and services never depend on each other;
+//! - services' domain modules use no IO crate.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -115,11 +117,37 @@ fn crates_do_not_depend_on_services_nor_services_on_each_other() {
         for dep in &package.deps {
             if is_service(dep) {
                 assert!(
-                    !package.path.contains("/crates/"),
+                    !package.path.contains("/crates/") || name == "eventyr",
                     "crate {name} depends on service {dep}"
                 );
                 assert!(!is_service(name), "service {name} depends on service {dep}");
             }
         }
     }
+}
+
+#[test]
+fn service_domains_do_no_io() {
+    let services = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../services");
+    let mut checked = 0;
+    for service in std::fs::read_dir(&services).expect("services/") {
+        let domain = service.expect("entry").path().join("src/domain.rs");
+        let Ok(source) = std::fs::read_to_string(&domain) else {
+            continue;
+        };
+        for line in source.lines().map(str::trim) {
+            for io in IO_CRATES {
+                let crate_name = io.replace('-', "_");
+                let uses = line.starts_with(&format!("use {crate_name}"))
+                    || line.contains(&format!(" {crate_name}::"))
+                    || line.contains(&format!("({crate_name}::"));
+                assert!(!uses, "{} uses {io}: {line}", domain.display());
+            }
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 6,
+        "the six services' domains were checked ({checked})"
+    );
 }

@@ -1,0 +1,6 @@
+//! The inventory service: stock per SKU, and reservations that hold stock until the
+//! order ships (confirmed) or fails (released).
+//!
+//! - [`domain`]: the `Item` aggregate, pure.
+
+pub mod domain;

@@ -1,0 +1,6 @@
+//! The payment service: charges against each customer's credit limit; refunds
+//! restore it. A declined payment is a normal business outcome, recorded as such.
+//!
+//! - [`domain`]: the `CreditAccount` aggregate, pure.
+
+pub mod domain;

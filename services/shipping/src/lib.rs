@@ -1,0 +1,6 @@
+//! The shipping service: one shipment per order, created by the order saga and
+//! cancelled when the order fails after it.
+//!
+//! - [`domain`]: the `Shipment` aggregate, pure.
+
+pub mod domain;
