@@ -8,6 +8,8 @@
 //! A test that needs a server must fail loudly when it cannot get one: the helpers here
 //! panic with the reason and the fix, never skip.
 
+#[cfg(feature = "contracts")]
+pub mod contracts;
 mod nats;
 mod postgres;
 mod process;
