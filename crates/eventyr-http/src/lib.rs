@@ -1,0 +1,332 @@
+//! HTTP conventions every Eventyr service shares (`contracts/common.yaml`):
+//!
+//! - [`ApiError`]: the JSON error body `{"error","message","trace_id","fields"}` with
+//!   the right status; never a panic, a stack trace or an HTML page.
+//! - [`Input`]: a JSON body, checked: the content type, the size limit (413), the
+//!   shape with the offending field's JSON pointer (400), then the request's own
+//!   rules ([`Validate`]).
+//! - [`probes`]: `/health/live`, `/health/ready` (ready only when the service's
+//!   dependencies answer) and `/metrics`.
+//! - [`Faults`]: demonstration knobs (failure rate, added latency) on a service's
+//!   step calls, settable at run time through `/admin/faults`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use eventyr_telemetry::PrometheusHandle;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// The most a JSON body may weigh. Larger bodies get 413.
+pub const BODY_MAX_BYTES: usize = 64 * 1024;
+
+/// One offending field of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// A JSON pointer into the body (`/items/0/quantity`), or a parameter's name.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// An error as the JSON error body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: String,
+    pub message: String,
+    pub fields: Vec<FieldError>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.into(),
+            message: message.into(),
+            fields: Vec::new(),
+        }
+    }
+
+    /// 400 `invalid_input` with the offending fields.
+    pub fn invalid(fields: Vec<FieldError>) -> Self {
+        let message = match fields.as_slice() {
+            [one] => format!("{}: {}", one.field, one.message),
+            _ => format!("{} fields are invalid", fields.len()),
+        };
+        Self {
+            fields,
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_input", message)
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// 409 with a business code (`out_of_stock`, `payment_declined`, ...).
+    pub fn conflict(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 503: a dependency is down; a retry may help.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let trace_id = uuid::Uuid::now_v7().simple().to_string();
+        if self.status.is_server_error() {
+            tracing::warn!(%trace_id, code = %self.code, message = %self.message, "request failed");
+        }
+        let mut body = json!({
+            "error": self.code,
+            "message": self.message,
+            "trace_id": trace_id,
+        });
+        if !self.fields.is_empty() {
+            body["fields"] = json!(self.fields);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// A request's own rules, past its shape: ranges, known names, consistency.
+pub trait Validate {
+    /// The offending fields, if any.
+    fn validate(&self) -> Vec<FieldError> {
+        Vec::new()
+    }
+}
+
+/// A JSON body of type `T`, checked (see the crate's documentation).
+#[derive(Debug, Clone)]
+pub struct Input<T>(pub T);
+
+impl<T, S> FromRequest<S> for Input<T>
+where
+    T: DeserializeOwned + Validate,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !json {
+            return Err(ApiError::invalid(vec![FieldError::new(
+                "content-type",
+                "expected application/json",
+            )]));
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the body exceeds {BODY_MAX_BYTES} bytes"),
+                )
+            } else {
+                ApiError::invalid(vec![FieldError::new("", e.body_text())])
+            }
+        })?;
+        let value: T = parse(&bytes)?;
+        let fields = value.validate();
+        if fields.is_empty() {
+            Ok(Self(value))
+        } else {
+            Err(ApiError::invalid(fields))
+        }
+    }
+}
+
+/// Deserializes `bytes`, naming the offending field as a JSON pointer.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let pointer = if path == "." {
+            String::new()
+        } else {
+            format!(
+                "/{}",
+                path.replace('.', "/")
+                    .replace(['[', ']'], "/")
+                    .replace("//", "/")
+            )
+            .trim_end_matches('/')
+            .to_owned()
+        };
+        ApiError::invalid(vec![FieldError::new(
+            pointer,
+            error.into_inner().to_string(),
+        )])
+    })
+}
+
+/// Whether the service can serve: `Err` names what is down.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct Probes {
+    ready: ReadyCheck,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// `/health/live`, `/health/ready` and `/metrics` (when a recorder is installed).
+pub fn probes(ready: ReadyCheck, metrics: Option<PrometheusHandle>) -> Router {
+    Router::new()
+        .route(
+            "/health/live",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/health/ready", get(readiness))
+        .route("/metrics", get(render))
+        .with_state(Probes { ready, metrics })
+}
+
+async fn readiness(State(probes): State<Probes>) -> Response {
+    match (probes.ready)().await {
+        Ok(()) => Json(json!({ "status": "ok" })).into_response(),
+        Err(down) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "checks": { "dependencies": down } })),
+        )
+            .into_response(),
+    }
+}
+
+async fn render(State(probes): State<Probes>) -> Response {
+    match probes.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::not_found("no metrics recorder in this process").into_response(),
+    }
+}
+
+/// Demonstration knobs of a service's step calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSettings {
+    /// Share of step calls answered 503, 0 to 1.
+    #[serde(default)]
+    pub failure_rate: f64,
+    /// Added to every step call, at most 60 000.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Handled by the process wiring (it closes the service's listener); kept here so
+    /// that one document sets every knob.
+    #[serde(default)]
+    pub down: bool,
+}
+
+impl Validate for FaultSettings {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut fields = Vec::new();
+        if !(0.0..=1.0).contains(&self.failure_rate) {
+            fields.push(FieldError::new("/failure_rate", "must be between 0 and 1"));
+        }
+        if self.latency_ms > 60_000 {
+            fields.push(FieldError::new("/latency_ms", "must be at most 60000"));
+        }
+        fields
+    }
+}
+
+/// The knobs in effect, shared by a service's routes; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    settings: Arc<RwLock<FaultSettings>>,
+}
+
+impl Faults {
+    pub fn new(settings: FaultSettings) -> Self {
+        Self {
+            settings: Arc::new(RwLock::new(settings)),
+        }
+    }
+
+    pub fn get(&self) -> FaultSettings {
+        *self
+            .settings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn set(&self, settings: FaultSettings) {
+        *self
+            .settings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
+    }
+
+    /// `GET` and `PUT /admin/faults`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route(
+                "/admin/faults",
+                get(|State(faults): State<Faults>| async move { Json(faults.get()) }).put(
+                    |State(faults): State<Faults>, Input(settings): Input<FaultSettings>| async move {
+                        faults.set(settings);
+                        Json(faults.get())
+                    },
+                ),
+            )
+            .with_state(self.clone())
+    }
+
+    /// Middleware for step routes: waits the added latency, then fails the configured
+    /// share of calls with 503.
+    pub async fn apply(State(faults): State<Faults>, request: Request, next: Next) -> Response {
+        let settings = faults.get();
+        if settings.latency_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(settings.latency_ms)).await;
+        }
+        if settings.failure_rate > 0.0 && fastrand::f64() < settings.failure_rate {
+            return ApiError::unavailable("a demonstration fault").into_response();
+        }
+        next.run(request).await
+    }
+}
+
+/// The conventions every service router gets: the body limit, and JSON error bodies
+/// for unknown paths and wrong methods.
+pub fn conventions(router: Router) -> Router {
+    router
+        .fallback(|| async { ApiError::not_found("no such path") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not take this method",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_MAX_BYTES))
+}
