@@ -51,6 +51,10 @@ pub enum ItemCommand {
     Restock {
         quantity: u64,
     },
+    /// Restocks so that `available` are available (never lowers stock).
+    RestockTo {
+        available: u64,
+    },
     Reserve {
         reservation_id: String,
         quantity: u64,
@@ -110,6 +114,8 @@ pub enum ItemError {
     Released(String),
     #[error("no reservation {0}")]
     NoReservation(String),
+    #[error("stock is never lowered: {available} available, {requested} requested")]
+    CannotLower { available: u64, requested: u64 },
 }
 
 fn quantity(quantity: u64) -> Result<u64, ItemError> {
@@ -155,6 +161,17 @@ impl Aggregate for Item {
                 quantity: quantity(*q)?,
                 available: self.available + q,
             }]),
+            RestockTo { available } => match available.checked_sub(self.available) {
+                None => Err(ItemError::CannotLower {
+                    available: self.available,
+                    requested: *available,
+                }),
+                Some(0) => Ok(Vec::new()),
+                Some(added) => Ok(vec![ItemEvent::ItemRestocked {
+                    quantity: added,
+                    available: *available,
+                }]),
+            },
             Reserve {
                 reservation_id,
                 quantity: q,
@@ -206,7 +223,7 @@ impl Aggregate for Item {
     fn command_name(command: &ItemCommand) -> &'static str {
         match command {
             ItemCommand::Stock { .. } => "stock",
-            ItemCommand::Restock { .. } => "restock",
+            ItemCommand::Restock { .. } | ItemCommand::RestockTo { .. } => "restock",
             ItemCommand::Reserve { .. } => "reserve",
             ItemCommand::Release { .. } => "release",
             ItemCommand::Confirm { .. } => "confirm",

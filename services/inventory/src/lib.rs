@@ -2,5 +2,7 @@
 //! order ships (confirmed) or fails (released).
 //!
 //! - [`domain`]: the `Item` aggregate, pure.
+//! - [`api`]: the HTTP API of `contracts/inventory.yaml`.
 
+pub mod api;
 pub mod domain;

@@ -1,0 +1,200 @@
+//! The inventory's HTTP API on a real server on 127.0.0.1: the stock view, restock,
+//! and the saga's steps with their idempotency, all-or-none reservations, tombstones
+//! and error bodies.
+
+use std::sync::Arc;
+
+use eventyr_cqrs::{Command, CommandHandler, HandlerOptions, Upcasters};
+use eventyr_http::{Faults, conventions};
+use eventyr_store::{EventStore, MemoryStore};
+use inventory::api::{Inventory, router};
+use inventory::domain::{Item, ItemCommand};
+use serde_json::{Value, json};
+
+struct Service {
+    base: String,
+    items: Arc<CommandHandler<Item>>,
+    client: reqwest::Client,
+}
+
+async fn service() -> Service {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::default());
+    let items = Arc::new(CommandHandler::<Item>::new(
+        store,
+        Arc::new(Upcasters::new()),
+        HandlerOptions::default(),
+    ));
+    for (sku, quantity) in [("SKU-1", 10), ("SKU-2", 5), ("SKU-RARE", 1)] {
+        let stock = ItemCommand::Stock {
+            sku: sku.into(),
+            price_cents: 500,
+            quantity,
+        };
+        items.execute(Command::new(sku, stock)).await.expect("seed");
+    }
+    let app = conventions(router(Inventory {
+        items: Arc::clone(&items),
+        faults: Faults::default(),
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Service {
+        base,
+        items,
+        client: reqwest::Client::new(),
+    }
+}
+
+impl Service {
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("Idempotency-Key", "k")
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        (
+            response.status().as_u16(),
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    async fn stock(&self, sku: &str) -> Value {
+        let response = reqwest::get(format!("{}/api/inventory/{sku}", self.base))
+            .await
+            .expect("get");
+        response.json().await.expect("json")
+    }
+
+    async fn conserved(&self) -> bool {
+        let mut all = true;
+        for sku in ["SKU-1", "SKU-2", "SKU-RARE"] {
+            all &= self.items.load(sku).await.expect("load").state.conserved();
+        }
+        all
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_take_every_line_or_none_and_once() {
+    let s = service().await;
+    let order = json!({ "reservation_id": "order-1", "items": [
+        { "sku": "SKU-2", "quantity": 2 }, { "sku": "SKU-1", "quantity": 3 } ] });
+    let (status, body) = s.post("/internal/reservations", order.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total_cents"], 2_500);
+    assert_eq!(s.stock("SKU-1").await["available"], 7);
+    let (again, _) = s.post("/internal/reservations", order).await;
+    assert_eq!(again, 200);
+    assert_eq!(s.stock("SKU-1").await["available"], 7, "once");
+
+    let rare = json!({ "reservation_id": "order-2", "items": [
+        { "sku": "SKU-1", "quantity": 1 }, { "sku": "SKU-RARE", "quantity": 5 } ] });
+    let (status, body) = s.post("/internal/reservations", rare).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (409, json!("out_of_stock")),
+        "{body}"
+    );
+    assert_eq!(s.stock("SKU-1").await["available"], 7, "none held");
+    assert!(s.conserved().await);
+
+    let (status, _) = s
+        .post(
+            "/internal/reservations/order-1/release",
+            json!({ "skus": ["SKU-1", "SKU-2"] }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(s.stock("SKU-1").await["available"], 10);
+    assert_eq!(s.stock("SKU-1").await["reserved"], 0);
+    assert!(s.conserved().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_first_tombstones_and_confirmed_stock_ships() {
+    let s = service().await;
+    let (status, _) = s
+        .post(
+            "/internal/reservations/order-9/release",
+            json!({ "skus": ["SKU-1", "SKU-404"] }),
+        )
+        .await;
+    assert_eq!(status, 200, "unknown items hold nothing");
+    let late = json!({ "reservation_id": "order-9", "items": [{ "sku": "SKU-1", "quantity": 1 }] });
+    let (status, body) = s.post("/internal/reservations", late).await;
+    assert_eq!((status, body["error"].clone()), (409, json!("compensated")));
+
+    let order =
+        json!({ "reservation_id": "order-3", "items": [{ "sku": "SKU-2", "quantity": 5 }] });
+    assert_eq!(s.post("/internal/reservations", order).await.0, 200);
+    let (status, _) = s
+        .post(
+            "/internal/reservations/order-3/confirm",
+            json!({ "skus": ["SKU-2"] }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let item = s.items.load("SKU-2").await.expect("load").state;
+    assert_eq!((item.available, item.shipped), (0, 5));
+    assert!(s.conserved().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restock_and_bad_input() {
+    let s = service().await;
+    let put = |body: Value, sku: &str| {
+        s.client
+            .put(format!("{}/api/inventory/{sku}", s.base))
+            .json(&body)
+            .send()
+    };
+    let restocked: Value = put(json!({ "available": 40 }), "SKU-1")
+        .await
+        .expect("put")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(restocked["available"], 40);
+    let lower = put(json!({ "available": 1 }), "SKU-1").await.expect("put");
+    assert_eq!(lower.status(), 409);
+    let unknown = put(json!({ "available": 1 }), "SKU-404")
+        .await
+        .expect("put");
+    assert_eq!(unknown.status(), 404);
+    let bad = reqwest::get(format!("{}/api/inventory/lower-case", s.base))
+        .await
+        .expect("get");
+    assert_eq!(bad.status(), 400);
+
+    let invalid = json!({ "reservation_id": "o 1", "items": [
+        { "sku": "SKU-1", "quantity": 0 }, { "sku": "SKU-1", "quantity": 1 } ] });
+    let (status, body) = s.post("/internal/reservations", invalid).await;
+    assert_eq!(status, 400);
+    let fields: Vec<&str> = body["fields"]
+        .as_array()
+        .expect("fields")
+        .iter()
+        .map(|f| f["field"].as_str().expect("field"))
+        .collect();
+    assert_eq!(
+        fields,
+        ["/reservation_id", "/items/0/quantity", "/items/1/sku"],
+        "{body}"
+    );
+    let (status, body) = s
+        .post(
+            "/internal/reservations",
+            json!({ "reservation_id": "o1", "items": [] }),
+        )
+        .await;
+    assert_eq!(
+        (status, body["fields"][0]["field"].clone()),
+        (400, json!("/items"))
+    );
+}
