@@ -330,3 +330,54 @@ pub fn conventions(router: Router) -> Router {
         })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_MAX_BYTES))
 }
+
+/// An id chosen by a caller or derived from an idempotency key
+/// (`contracts/common.yaml` `Id`): 1 to 128 of A-Z, a-z, 0-9, '-', '_', '.' and ':'.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// A customer id (`CustomerId`): 1 to 64 of a-z, 0-9, '-' and '_', from a letter or digit.
+pub fn valid_customer_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+}
+
+/// Checks a path parameter; 400 naming it otherwise.
+pub fn check(name: &str, valid: bool, rule: &str) -> Result<(), ApiError> {
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(vec![FieldError::new(name, rule)]))
+    }
+}
+
+/// The rule of [`valid_id`], for field errors.
+pub const ID_RULE: &str = "1 to 128 of A-Z, a-z, 0-9, '-', '_', '.' and ':'";
+/// The rule of [`valid_customer_id`], for field errors.
+pub const CUSTOMER_ID_RULE: &str = "1 to 64 of a-z, 0-9, '-' and '_'";
+
+/// A command's failure as the error body: the aggregate's refusal through `rejected`,
+/// invalid input 400, the rest 503 (a retry may help).
+pub fn command_failure<E: std::error::Error + 'static>(
+    error: eventyr_cqrs::CommandError<E>,
+    rejected: impl FnOnce(E) -> ApiError,
+) -> ApiError {
+    match error {
+        eventyr_cqrs::CommandError::Rejected(refusal) => rejected(refusal),
+        eventyr_cqrs::CommandError::Invalid(invalid) => {
+            ApiError::invalid(vec![FieldError::new("", invalid.to_string())])
+        }
+        other => ApiError::unavailable(other.to_string()),
+    }
+}

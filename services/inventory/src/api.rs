@@ -10,7 +10,9 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use eventyr_cqrs::{Command, CommandError, CommandHandler, CommandId};
-use eventyr_http::{ApiError, Faults, FieldError, Input, Validate};
+use eventyr_http::{
+    ApiError, Faults, FieldError, ID_RULE, Input, Validate, command_failure, valid_id,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Item, ItemCommand, ItemError, QUANTITY_MAX};
@@ -52,13 +54,6 @@ pub fn valid_sku(sku: &str) -> bool {
         && !sku.starts_with('-')
 }
 
-fn valid_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-}
-
 fn check_sku(sku: &str) -> Result<(), ApiError> {
     if valid_sku(sku) {
         Ok(())
@@ -71,38 +66,25 @@ fn check_sku(sku: &str) -> Result<(), ApiError> {
 }
 
 fn check_id(id: &str) -> Result<(), ApiError> {
-    if valid_id(id) {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(vec![FieldError::new(
-            "reservation_id",
-            "1 to 128 of A-Z, a-z, 0-9, '-', '_', '.' and ':'",
-        )]))
-    }
+    eventyr_http::check("reservation_id", valid_id(id), ID_RULE)
 }
 
 /// A command's failure as the error body.
 fn failure(error: CommandError<ItemError>) -> ApiError {
-    match error {
-        CommandError::Rejected(rejected) => {
-            let message = rejected.to_string();
-            match rejected {
-                ItemError::Unknown => ApiError::not_found(message),
-                ItemError::OutOfStock { .. } => ApiError::conflict("out_of_stock", message),
-                ItemError::Released(_) => ApiError::conflict("compensated", message),
-                ItemError::CannotLower { .. } => ApiError::conflict("cannot_lower_stock", message),
-                ItemError::NoReservation(_) => ApiError::conflict("no_reservation", message),
-                ItemError::Exists => ApiError::conflict("exists", message),
-                ItemError::BadQuantity(_) | ItemError::BadPrice(_) => {
-                    ApiError::invalid(vec![FieldError::new("quantity", message)])
-                }
+    command_failure(error, |rejected| {
+        let message = rejected.to_string();
+        match rejected {
+            ItemError::Unknown => ApiError::not_found(message),
+            ItemError::OutOfStock { .. } => ApiError::conflict("out_of_stock", message),
+            ItemError::Released(_) => ApiError::conflict("compensated", message),
+            ItemError::CannotLower { .. } => ApiError::conflict("cannot_lower_stock", message),
+            ItemError::NoReservation(_) => ApiError::conflict("no_reservation", message),
+            ItemError::Exists => ApiError::conflict("exists", message),
+            ItemError::BadQuantity(_) | ItemError::BadPrice(_) => {
+                ApiError::invalid(vec![FieldError::new("quantity", message)])
             }
         }
-        CommandError::Invalid(invalid) => {
-            ApiError::invalid(vec![FieldError::new("", invalid.to_string())])
-        }
-        other => ApiError::unavailable(other.to_string()),
-    }
+    })
 }
 
 impl Inventory {
@@ -210,10 +192,7 @@ impl Validate for ReserveBody {
     fn validate(&self) -> Vec<FieldError> {
         let mut fields = Vec::new();
         if !valid_id(&self.reservation_id) {
-            fields.push(FieldError::new(
-                "/reservation_id",
-                "1 to 128 of A-Z, a-z, 0-9, '-', '_', '.' and ':'",
-            ));
+            fields.push(FieldError::new("/reservation_id", ID_RULE));
         }
         if !(1..=LINES_MAX).contains(&self.items.len()) {
             fields.push(FieldError::new("/items", format!("1 to {LINES_MAX} lines")));
