@@ -10,6 +10,9 @@
 //! - [`Faults`]: demonstration knobs (failure rate, added latency) on a service's
 //!   step calls, settable at run time through `/admin/faults`.
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};

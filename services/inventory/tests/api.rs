@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use eventyr_cqrs::{Command, CommandHandler, HandlerOptions, Upcasters};
+use eventyr_http::testing::{self, serve};
 use eventyr_http::{Faults, conventions};
 use eventyr_store::{EventStore, MemoryStore};
 use inventory::api::{Inventory, router};
@@ -36,11 +37,7 @@ async fn service() -> Service {
         items: Arc::clone(&items),
         faults: Faults::default(),
     }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = serve(app).await;
     Service {
         base,
         items,
@@ -50,25 +47,13 @@ async fn service() -> Service {
 
 impl Service {
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .header("Idempotency-Key", "k")
-            .json(&body)
-            .send()
-            .await
-            .expect("send");
-        (
-            response.status().as_u16(),
-            response.json().await.unwrap_or(Value::Null),
-        )
+        testing::post(&format!("{}{path}", self.base), &body).await
     }
 
     async fn stock(&self, sku: &str) -> Value {
-        let response = reqwest::get(format!("{}/api/inventory/{sku}", self.base))
+        testing::get(&format!("{}/api/inventory/{sku}", self.base))
             .await
-            .expect("get");
-        response.json().await.expect("json")
+            .1
     }
 
     async fn conserved(&self) -> bool {
@@ -176,12 +161,7 @@ async fn restock_and_bad_input() {
         { "sku": "SKU-1", "quantity": 0 }, { "sku": "SKU-1", "quantity": 1 } ] });
     let (status, body) = s.post("/internal/reservations", invalid).await;
     assert_eq!(status, 400);
-    let fields: Vec<&str> = body["fields"]
-        .as_array()
-        .expect("fields")
-        .iter()
-        .map(|f| f["field"].as_str().expect("field"))
-        .collect();
+    let fields = testing::fields(&body);
     assert_eq!(
         fields,
         ["/reservation_id", "/items/0/quantity", "/items/1/sku"],

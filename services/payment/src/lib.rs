@@ -2,5 +2,7 @@
 //! restore it. A declined payment is a normal business outcome, recorded as such.
 //!
 //! - [`domain`]: the `CreditAccount` aggregate, pure.
+//! - [`api`]: the HTTP API of `contracts/payment.yaml`.
 
+pub mod api;
 pub mod domain;
