@@ -384,3 +384,50 @@ pub fn command_failure<E: std::error::Error + 'static>(
         other => ApiError::unavailable(other.to_string()),
     }
 }
+
+/// A body naming only a customer (compensations that need the customer's aggregate).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerBody {
+    pub customer_id: String,
+}
+
+impl Validate for CustomerBody {
+    fn validate(&self) -> Vec<FieldError> {
+        if valid_customer_id(&self.customer_id) {
+            Vec::new()
+        } else {
+            vec![FieldError::new("/customer_id", CUSTOMER_ID_RULE)]
+        }
+    }
+}
+
+/// Runs a command (its id derived by the caller, so that a retry is the same command),
+/// mapping failures with `failure`.
+pub async fn execute<A: eventyr_cqrs::Aggregate>(
+    handler: &eventyr_cqrs::CommandHandler<A>,
+    aggregate_id: &str,
+    command_id: String,
+    body: A::Command,
+    failure: impl Fn(eventyr_cqrs::CommandError<A::Error>) -> ApiError,
+) -> Result<(), ApiError> {
+    let command_id = eventyr_cqrs::CommandId::new(command_id)
+        .map_err(|e| ApiError::invalid(vec![FieldError::new("", e.to_string())]))?;
+    handler
+        .execute(eventyr_cqrs::Command::new(aggregate_id, body).with_id(command_id))
+        .await
+        .map(|_| ())
+        .map_err(failure)
+}
+
+/// [`execute`], then the aggregate's state after it.
+pub async fn execute_and_load<A: eventyr_cqrs::Aggregate>(
+    handler: &eventyr_cqrs::CommandHandler<A>,
+    aggregate_id: &str,
+    command_id: String,
+    body: A::Command,
+    failure: impl Fn(eventyr_cqrs::CommandError<A::Error>) -> ApiError,
+) -> Result<A, ApiError> {
+    execute(handler, aggregate_id, command_id, body, &failure).await?;
+    Ok(handler.load(aggregate_id).await.map_err(failure)?.state)
+}

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
-use eventyr_cqrs::{Command, CommandError, CommandHandler, CommandId};
+use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
     ApiError, Faults, FieldError, ID_RULE, Input, Validate, command_failure, valid_id,
 };
@@ -89,13 +89,7 @@ fn failure(error: CommandError<ItemError>) -> ApiError {
 
 impl Inventory {
     async fn execute(&self, sku: &str, id: String, body: ItemCommand) -> Result<(), ApiError> {
-        let command_id = CommandId::new(id)
-            .map_err(|e| ApiError::invalid(vec![FieldError::new("", e.to_string())]))?;
-        self.items
-            .execute(Command::new(sku, body).with_id(command_id))
-            .await
-            .map(|_| ())
-            .map_err(failure)
+        eventyr_http::execute(&self.items, sku, id, body, failure).await
     }
 
     async fn item(&self, sku: &str) -> Result<Item, ApiError> {

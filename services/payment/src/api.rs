@@ -8,9 +8,9 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
-use eventyr_cqrs::{Command, CommandError, CommandHandler, CommandId};
+use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
-    ApiError, CUSTOMER_ID_RULE, Faults, FieldError, ID_RULE, Input, Validate, check,
+    ApiError, CUSTOMER_ID_RULE, CustomerBody, Faults, FieldError, ID_RULE, Input, Validate, check,
     command_failure, valid_customer_id, valid_id,
 };
 use serde::{Deserialize, Serialize};
@@ -79,19 +79,7 @@ impl Payments {
         id: String,
         body: CreditCommand,
     ) -> Result<CreditAccount, ApiError> {
-        let command_id = CommandId::new(id)
-            .map_err(|e| ApiError::invalid(vec![FieldError::new("", e.to_string())]))?;
-        self.accounts
-            .execute(Command::new(customer_id, body).with_id(command_id))
-            .await
-            .map_err(failure)?;
-        let account = self
-            .accounts
-            .load(customer_id)
-            .await
-            .map_err(failure)?
-            .state;
-        Ok(account)
+        eventyr_http::execute_and_load(&self.accounts, customer_id, id, body, failure).await
     }
 }
 
@@ -216,26 +204,10 @@ async fn charge(
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RefundBody {
-    customer_id: String,
-}
-
-impl Validate for RefundBody {
-    fn validate(&self) -> Vec<FieldError> {
-        if valid_customer_id(&self.customer_id) {
-            Vec::new()
-        } else {
-            vec![FieldError::new("/customer_id", CUSTOMER_ID_RULE)]
-        }
-    }
-}
-
 async fn refund(
     State(payments): State<Payments>,
     Path(payment_id): Path<String>,
-    Input(body): Input<RefundBody>,
+    Input(body): Input<CustomerBody>,
 ) -> Result<Json<PaymentView>, ApiError> {
     check("payment_id", valid_id(&payment_id), ID_RULE)?;
     let command = CreditCommand::Refund {

@@ -2,5 +2,7 @@
 //! failed orders restore them.
 //!
 //! - [`domain`]: the `PointsAccount` aggregate, pure.
+//! - [`api`]: the HTTP API of `contracts/points.yaml`.
 
+pub mod api;
 pub mod domain;
