@@ -431,3 +431,18 @@ pub async fn execute_and_load<A: eventyr_cqrs::Aggregate>(
     execute(handler, aggregate_id, command_id, body, &failure).await?;
     Ok(handler.load(aggregate_id).await.map_err(failure)?.state)
 }
+
+/// A service's routes: its `public` ones, its saga `steps` (behind the demonstration
+/// faults), and `/admin/faults`, over its `state`.
+pub fn service<S: Clone + Send + Sync + 'static>(
+    public: Router<S>,
+    steps: Router<S>,
+    state: S,
+    faults: &Faults,
+) -> Router {
+    let steps = steps.layer(axum::middleware::from_fn_with_state(
+        faults.clone(),
+        Faults::apply,
+    ));
+    public.merge(steps).with_state(state).merge(faults.router())
+}

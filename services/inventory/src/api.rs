@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
     ApiError, Faults, FieldError, ID_RULE, Input, Validate, command_failure, valid_id,
@@ -32,17 +32,10 @@ pub fn router(inventory: Inventory) -> Router {
     let steps = Router::new()
         .route("/internal/reservations", post(reserve))
         .route("/internal/reservations/{id}/release", post(release))
-        .route("/internal/reservations/{id}/confirm", post(confirm))
-        .layer(middleware::from_fn_with_state(
-            inventory.faults.clone(),
-            Faults::apply,
-        ));
-    let faults = inventory.faults.router();
-    Router::new()
-        .route("/api/inventory/{sku}", get(stock).put(restock))
-        .merge(steps)
-        .with_state(inventory)
-        .merge(faults)
+        .route("/internal/reservations/{id}/confirm", post(confirm));
+    let public = Router::new().route("/api/inventory/{sku}", get(stock).put(restock));
+    let faults = inventory.faults.clone();
+    eventyr_http::service(public, steps, inventory, &faults)
 }
 
 /// SKU-1 … SKU-20, SKU-RARE: upper-case letters, digits and dashes.

@@ -3,5 +3,7 @@
 //! knob of its adapter, not of its domain.
 //!
 //! - [`domain`]: the `Mailbox` aggregate, pure.
+//! - [`api`]: the HTTP API of `contracts/notification.yaml`.
 
+pub mod api;
 pub mod domain;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
     ApiError, CUSTOMER_ID_RULE, CustomerBody, Faults, FieldError, ID_RULE, Input, Validate, check,
@@ -46,17 +46,10 @@ pub struct PaymentView {
 pub fn router(payments: Payments) -> Router {
     let steps = Router::new()
         .route("/internal/payments", post(charge))
-        .route("/internal/payments/{payment_id}/refund", post(refund))
-        .layer(middleware::from_fn_with_state(
-            payments.faults.clone(),
-            Faults::apply,
-        ));
-    let faults = payments.faults.router();
-    Router::new()
-        .route("/api/payments", get(list))
-        .merge(steps)
-        .with_state(payments)
-        .merge(faults)
+        .route("/internal/payments/{payment_id}/refund", post(refund));
+    let public = Router::new().route("/api/payments", get(list));
+    let faults = payments.faults.clone();
+    eventyr_http::service(public, steps, payments, &faults)
 }
 
 fn failure(error: CommandError<CreditError>) -> ApiError {

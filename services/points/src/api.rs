@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
     ApiError, CUSTOMER_ID_RULE, CustomerBody, Faults, FieldError, ID_RULE, Input, Validate, check,
@@ -29,17 +29,10 @@ pub fn router(points: Points) -> Router {
         .route(
             "/internal/points/deductions/{deduction_id}/restore",
             post(restore),
-        )
-        .layer(middleware::from_fn_with_state(
-            points.faults.clone(),
-            Faults::apply,
-        ));
-    let faults = points.faults.router();
-    Router::new()
-        .route("/api/customers/{customer_id}/points", get(balance))
-        .merge(steps)
-        .with_state(points)
-        .merge(faults)
+        );
+    let public = Router::new().route("/api/customers/{customer_id}/points", get(balance));
+    let faults = points.faults.clone();
+    eventyr_http::service(public, steps, points, &faults)
 }
 
 fn failure(error: CommandError<PointsError>) -> ApiError {

@@ -2,5 +2,7 @@
 //! cancelled when the order fails after it.
 //!
 //! - [`domain`]: the `Shipment` aggregate, pure.
+//! - [`api`]: the HTTP API of `contracts/shipping.yaml`.
 
+pub mod api;
 pub mod domain;
