@@ -57,6 +57,8 @@ pub struct Step {
     pub skip_if: Option<DataFn<bool>>,
     /// Builds the request body from the saga's data; by default the data itself.
     pub request: Option<DataFn<Value>>,
+    /// Builds the compensation's body; by default as `request`.
+    pub compensation_request: Option<DataFn<Value>>,
 }
 
 impl fmt::Debug for Step {
@@ -96,6 +98,7 @@ impl Step {
             compensation: None,
             skip_if: None,
             request: None,
+            compensation_request: None,
         }
     }
 
@@ -148,6 +151,15 @@ impl Step {
 
     pub fn request(mut self, build: impl Fn(&Value) -> Value + Send + Sync + 'static) -> Self {
         self.request = Some(Arc::new(build));
+        self
+    }
+
+    /// Builds the compensation's body (the saga's data carries `saga_reason` then).
+    pub fn compensation_request(
+        mut self,
+        build: impl Fn(&Value) -> Value + Send + Sync + 'static,
+    ) -> Self {
+        self.compensation_request = Some(Arc::new(build));
         self
     }
 }

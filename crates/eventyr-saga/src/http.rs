@@ -1,7 +1,8 @@
 //! Sagas over HTTP: participants reached by synchronous HTTP calls, and the engine's
 //! admin API.
 //!
-//! A step call is `POST <url>` with the request body as JSON and the headers
+//! A step call is `POST <url>` (a template: `{saga_id}` and `{field}` take the saga's
+//! id and the body's field) with the request body as JSON and the headers
 //! `Idempotency-Key` (the same on every attempt of a step, another for its
 //! compensation), `X-Eventyr-Saga`, `X-Eventyr-Step` and `X-Eventyr-Attempt`; it may
 //! take until the attempt's deadline. A 2xx answer is the step's result; a network
@@ -97,6 +98,7 @@ impl Participants for HttpParticipants {
                 call.step
             ))));
         };
+        let url = fill(&url, &call);
         let timeout = machine::until(self.clock.now(), call.deadline).max(ATTEMPT_MIN);
         let request = self
             .client
@@ -133,6 +135,35 @@ impl Participants for HttpParticipants {
             || status == StatusCode::TOO_MANY_REQUESTS;
         Sent::Replied(Err(Failure { error, transient }))
     }
+}
+
+/// Fills a URL template: `{saga_id}`, and `{field}` with the body's string (or
+/// number) field of that name, percent-encoded.
+fn fill(template: &str, call: &StepCall) -> String {
+    let mut url = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        url.push_str(&rest[..open]);
+        let name = &rest[open + 1..open + close];
+        let value = match (name, call.body.get(name)) {
+            ("saga_id", _) => call.saga_id.clone(),
+            (_, Some(Value::String(text))) => text.clone(),
+            (_, Some(Value::Number(number))) => number.to_string(),
+            _ => String::new(),
+        };
+        url.extend(value.bytes().map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        }));
+        rest = &rest[open + close + 1..];
+    }
+    url.push_str(rest);
+    url
 }
 
 /// An engine error as the JSON error body.
@@ -241,5 +272,31 @@ async fn abort(
     match handle.abort(&id, &reason).await {
         Ok(()) => Json(json!({ "id": id, "accepted": true })).into_response(),
         Err(error) => ApiError(error).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_templates_take_the_saga_id_and_body_fields_encoded() {
+        let call = StepCall {
+            saga_id: "order-1".into(),
+            saga_type: "order".into(),
+            step: "payment".into(),
+            attempt: 1,
+            compensation: true,
+            idempotency_key: "order-1/payment/compensation".into(),
+            deadline: eventyr_core::Timestamp::UNIX_EPOCH,
+            body: json!({ "customer_id": "a b", "n": 7 }),
+        };
+        assert_eq!(
+            fill(
+                "http://h/internal/payments/{saga_id}/refund?c={customer_id}&n={n}&x={missing}",
+                &call
+            ),
+            "http://h/internal/payments/order-1/refund?c=a%20b&n=7&x="
+        );
     }
 }

@@ -348,6 +348,10 @@ pub enum SagaError {
     UnknownStep(String),
 }
 
+/// The key of the saga's data under which compensations find why the saga
+/// compensates (set when compensation starts).
+pub const REASON_KEY: &str = "saga_reason";
+
 /// The key a participant deduplicates a step's action (or compensation) by.
 pub fn idempotency_key(saga_id: &str, step: &str, compensation: bool) -> String {
     if compensation {
@@ -481,6 +485,10 @@ impl SagaState {
             SagaEvent::CompensationStarted { reason, .. } => {
                 self.status = SagaStatus::Compensating;
                 self.reason = Some(reason.clone());
+                // Compensations see why (their bodies are built from the data).
+                if let Value::Object(data) = &mut self.data {
+                    data.insert(REASON_KEY.to_owned(), Value::String(reason.clone()));
+                }
             }
             SagaEvent::CompensationRequested {
                 step,
@@ -1151,7 +1159,13 @@ fn call(
 ) {
     let body = definition
         .position(step)
-        .and_then(|i| definition.steps[i].request.as_ref())
+        .and_then(|i| {
+            let step = &definition.steps[i];
+            match (compensation, &step.compensation_request) {
+                (true, Some(build)) => Some(build),
+                _ => step.request.as_ref(),
+            }
+        })
         .map_or_else(|| state.data.clone(), |build| build(&state.data));
     effects.push(Effect::Call(StepCall {
         saga_id: state.id.clone(),
