@@ -2,5 +2,9 @@
 //! runs, then end COMPLETED, FAILED (with the reason) or CANCELLED.
 //!
 //! - [`domain`]: the `Order` aggregate, pure.
+//! - [`saga`]: the order saga's definition, pure.
+//! - [`api`]: the HTTP API of `contracts/order.yaml`, and the service's own saga steps.
 
+pub mod api;
 pub mod domain;
+pub mod saga;

@@ -1,0 +1,326 @@
+//! The order saga, orchestrated, across the six services: each service on its own
+//! HTTP listener on 127.0.0.1 with its own store, the saga engine in the order
+//! service calling every participant over HTTP. The demo cases of PLAN.md: alice's
+//! order completes; five SKU-RARE fail on inventory; bob's order above his credit is
+//! declined and compensated; the same Idempotency-Key places one order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventyr_core::{RetryPolicy, SystemClock};
+use eventyr_cqrs::{Aggregate, Command, CommandHandler, HandlerOptions, Upcasters};
+use eventyr_http::testing::{self, serve};
+use eventyr_http::{Faults, conventions};
+use eventyr_saga::{EngineOptions, HttpParticipants, InProcess, Participants, SagaEngine, Sent};
+use eventyr_store::{EventStore, MemoryStore};
+use futures::FutureExt;
+use serde_json::{Value, json};
+
+fn handler<A: Aggregate>() -> Arc<CommandHandler<A>> {
+    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::default());
+    Arc::new(CommandHandler::new(
+        store,
+        Arc::new(Upcasters::new()),
+        HandlerOptions::default(),
+    ))
+}
+
+/// Local steps in process, the rest over HTTP.
+struct Mixed {
+    local: InProcess,
+    remote: HttpParticipants,
+}
+
+#[async_trait::async_trait]
+impl Participants for Mixed {
+    async fn call(&self, call: eventyr_saga::machine::StepCall) -> Sent {
+        if matches!(call.step.as_str(), "order" | "complete") {
+            self.local.call(call).await
+        } else {
+            self.remote.call(call).await
+        }
+    }
+}
+
+struct System {
+    public: String,
+    items: Arc<CommandHandler<inventory::domain::Item>>,
+    credit: Arc<CommandHandler<payment::domain::CreditAccount>>,
+}
+
+async fn system() -> System {
+    use inventory::domain::{Item, ItemCommand};
+    use payment::domain::{CreditAccount, CreditCommand};
+    use points::domain::{PointsAccount, PointsCommand};
+
+    let items = handler::<Item>();
+    for (sku, price, quantity) in [
+        ("SKU-1", 500, 1000),
+        ("SKU-2", 20_000, 1000),
+        ("SKU-RARE", 900, 1),
+    ] {
+        let stock = ItemCommand::Stock {
+            sku: sku.into(),
+            price_cents: price,
+            quantity,
+        };
+        items.execute(Command::new(sku, stock)).await.expect("seed");
+    }
+    let credit = handler::<CreditAccount>();
+    let points = handler::<PointsAccount>();
+    for (customer, limit, balance) in [("alice", 10_000_000, 500), ("bob", 5_000, 0)] {
+        let open = CreditCommand::Open {
+            customer_id: customer.into(),
+            limit_cents: limit,
+        };
+        credit
+            .execute(Command::new(customer, open))
+            .await
+            .expect("seed");
+        let open = PointsCommand::Open {
+            customer_id: customer.into(),
+            balance,
+        };
+        points
+            .execute(Command::new(customer, open))
+            .await
+            .expect("seed");
+    }
+    let notification_store: Arc<dyn EventStore> = Arc::new(MemoryStore::default());
+    let faults = Faults::default;
+    let urls = [
+        serve(conventions(inventory::api::router(
+            inventory::api::Inventory {
+                items: Arc::clone(&items),
+                faults: faults(),
+            },
+        )))
+        .await,
+        serve(conventions(payment::api::router(payment::api::Payments {
+            accounts: Arc::clone(&credit),
+            of_order: Arc::new(|_| async { Ok(Vec::new()) }.boxed()),
+            faults: faults(),
+        })))
+        .await,
+        serve(conventions(points::api::router(points::api::Points {
+            accounts: points,
+            faults: faults(),
+        })))
+        .await,
+        serve(conventions(shipping::api::router(
+            shipping::api::Shipping {
+                shipments: handler(),
+                faults: faults(),
+            },
+        )))
+        .await,
+        serve(conventions(notification::api::router(
+            notification::api::Notifications {
+                mailboxes: Arc::new(CommandHandler::new(
+                    Arc::clone(&notification_store),
+                    Arc::new(Upcasters::new()),
+                    HandlerOptions::default(),
+                )),
+                store: notification_store,
+                faults: faults(),
+            },
+        )))
+        .await,
+    ];
+    let [inv, pay, pts, ship, note] = &urls;
+    let remote = HttpParticipants::new(Arc::new(SystemClock))
+        .expect("client")
+        .step(
+            "inventory",
+            format!("{inv}/internal/reservations"),
+            Some(format!("{inv}/internal/reservations/{{saga_id}}/release")),
+        )
+        .step(
+            "confirm",
+            format!("{inv}/internal/reservations/{{saga_id}}/confirm"),
+            None,
+        )
+        .step(
+            "payment",
+            format!("{pay}/internal/payments"),
+            Some(format!("{pay}/internal/payments/{{saga_id}}/refund")),
+        )
+        .step(
+            "points",
+            format!("{pts}/internal/points/deductions"),
+            Some(format!(
+                "{pts}/internal/points/deductions/{{saga_id}}/restore"
+            )),
+        )
+        .step(
+            "shipping",
+            format!("{ship}/internal/shipments"),
+            Some(format!("{ship}/internal/shipments/{{saga_id}}/cancel")),
+        )
+        .step(
+            "notification",
+            format!("{note}/internal/notifications"),
+            None,
+        );
+    let orders = handler::<order::domain::Order>();
+    let local = order::api::steps(Arc::clone(&orders))
+        .into_iter()
+        .fold(InProcess::new(), |p, (name, step)| p.step(name, step));
+    let timeouts = order::saga::Timeouts {
+        retry: RetryPolicy {
+            attempts_max: 3,
+            initial_delay: Duration::from_millis(20),
+            multiplier: 2.0,
+            delay_max: Duration::from_millis(100),
+            jitter_ratio: 0.1,
+        },
+        ..order::saga::Timeouts::default()
+    };
+    let engine = SagaEngine::new(
+        Arc::new(MemoryStore::default()),
+        Arc::new(Mixed { local, remote }),
+        Arc::new(SystemClock),
+        EngineOptions::default(),
+    )
+    .register(order::saga::definition(timeouts));
+    let sagas = engine.handle();
+    tokio::spawn(engine.run(futures::future::pending()));
+    let prices = {
+        let items = Arc::clone(&items);
+        Arc::new(move |sku: String| {
+            let items = Arc::clone(&items);
+            async move {
+                let item = items.load(&sku).await.ok()?.state;
+                (!item.sku.is_empty()).then_some(item.price_cents)
+            }
+            .boxed()
+        })
+    };
+    let public = serve(conventions(order::api::router(order::api::Orders {
+        orders,
+        sagas,
+        prices,
+    })))
+    .await;
+    System {
+        public,
+        items,
+        credit,
+    }
+}
+
+impl System {
+    async fn place(&self, key: &str, body: Value) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/orders", self.public))
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .expect("send");
+        (
+            response.status().as_u16(),
+            response.json().await.expect("json"),
+        )
+    }
+
+    async fn settled(&self, order_id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, order) = testing::get(&format!("{}/api/orders/{order_id}", self.public)).await;
+            if order["status"] != "PENDING" {
+                return order;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "order {order_id} stays PENDING"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_orders_reach_their_outcomes_across_the_services() {
+    let s = system().await;
+    let (status, placed) = s
+        .place("k1", json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 2 }], "points_to_use": 10 }))
+        .await;
+    assert_eq!(status, 202, "{placed}");
+    let completed = s.settled(placed["order_id"].as_str().expect("id")).await;
+    assert_eq!(completed["status"], "COMPLETED", "{completed}");
+    assert_eq!(completed["total_cents"], 1_000);
+    let sku1 = s.items.load("SKU-1").await.expect("load").state;
+    assert_eq!(
+        (sku1.available, sku1.shipped, sku1.reserved_total()),
+        (998, 2, 0)
+    );
+
+    let (_, again) = s
+        .place("k1", json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 2 }], "points_to_use": 10 }))
+        .await;
+    assert_eq!(
+        again["order_id"], placed["order_id"],
+        "the same key, the same order"
+    );
+    let (status, _) = s
+        .place(
+            "k1",
+            json!({ "customer_id": "alice", "items": [{ "sku": "SKU-2", "quantity": 1 }] }),
+        )
+        .await;
+    assert_eq!(status, 409, "the key was used for another order");
+
+    let (_, rare) = s
+        .place(
+            "k2",
+            json!({ "customer_id": "alice", "items": [{ "sku": "SKU-RARE", "quantity": 5 }] }),
+        )
+        .await;
+    let failed = s.settled(rare["order_id"].as_str().expect("id")).await;
+    assert_eq!(failed["status"], "FAILED");
+    assert!(
+        failed["failure_reason"]
+            .as_str()
+            .expect("reason")
+            .contains("requested"),
+        "{failed}"
+    );
+
+    let (_, declined) = s
+        .place(
+            "k3",
+            json!({ "customer_id": "bob", "items": [{ "sku": "SKU-2", "quantity": 1 }] }),
+        )
+        .await;
+    let failed = s.settled(declined["order_id"].as_str().expect("id")).await;
+    assert_eq!(failed["status"], "FAILED");
+    assert!(
+        failed["failure_reason"]
+            .as_str()
+            .expect("reason")
+            .contains("declined"),
+        "{failed}"
+    );
+    let sku2 = s.items.load("SKU-2").await.expect("load").state;
+    assert_eq!(
+        (sku2.available, sku2.reserved_total()),
+        (1000, 0),
+        "the reservation was released"
+    );
+    assert_eq!(
+        s.credit.load("bob").await.expect("load").state.used_cents,
+        0
+    );
+
+    let (status, body) = s
+        .place(
+            "k4",
+            json!({ "customer_id": "alice", "items": [{ "sku": "SKU-404", "quantity": 1 }] }),
+        )
+        .await;
+    assert_eq!(
+        (status, testing::fields(&body)),
+        (400, vec!["/items/0/sku".to_owned()])
+    );
+}

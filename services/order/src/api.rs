@@ -1,0 +1,295 @@
+//! The order service's HTTP API (`contracts/order.yaml`): placing an order (202 at
+//! once; its saga runs in the background) and reading it; and the service's own saga
+//! steps (`order`, whose compensation fails the order, and `complete`).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use eventyr_cqrs::{CommandError, CommandHandler};
+use eventyr_http::{
+    ApiError, CUSTOMER_ID_RULE, FieldError, ID_RULE, Input, Validate, check, command_failure,
+    valid_customer_id, valid_id,
+};
+use eventyr_saga::{Failure, SagaHandle, StepHandler};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::domain::{LINES_MAX, Line, Order, OrderCommand, OrderError, QUANTITY_MAX};
+use crate::saga::{SAGA_TYPE, data};
+
+/// The price of a SKU, if it is in the catalog (the order service's copy of the
+/// inventory's prices).
+pub type PriceOf = Arc<dyn Fn(String) -> BoxFuture<'static, Option<i64>> + Send + Sync>;
+
+/// The most points one order uses.
+pub const POINTS_MAX: u64 = 10_000_000;
+
+/// The order service's state.
+#[derive(Clone)]
+pub struct Orders {
+    pub orders: Arc<CommandHandler<Order>>,
+    pub sagas: SagaHandle,
+    pub prices: PriceOf,
+}
+
+pub fn router(orders: Orders) -> Router {
+    Router::new()
+        .route("/api/orders", axum::routing::post(place))
+        .route("/api/orders/{order_id}", get(show))
+        .with_state(orders)
+}
+
+fn failure(error: CommandError<OrderError>) -> ApiError {
+    command_failure(error, |rejected| {
+        let message = rejected.to_string();
+        match rejected {
+            OrderError::Exists(_) => ApiError::conflict("idempotency_conflict", message),
+            OrderError::Unknown => ApiError::not_found(message),
+            OrderError::Transition(..) => ApiError::conflict("conflict", message),
+            _ => ApiError::invalid(vec![FieldError::new("", message)]),
+        }
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Item {
+    sku: String,
+    quantity: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceBody {
+    customer_id: String,
+    items: Vec<Item>,
+    #[serde(default)]
+    points_to_use: u64,
+}
+
+impl Validate for PlaceBody {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut fields = Vec::new();
+        if !valid_customer_id(&self.customer_id) {
+            fields.push(FieldError::new("/customer_id", CUSTOMER_ID_RULE));
+        }
+        if !(1..=LINES_MAX).contains(&self.items.len()) {
+            fields.push(FieldError::new("/items", format!("1 to {LINES_MAX} lines")));
+        }
+        let mut skus = BTreeSet::new();
+        for (i, item) in self.items.iter().enumerate() {
+            if !skus.insert(item.sku.as_str()) {
+                fields.push(FieldError::new(
+                    format!("/items/{i}/sku"),
+                    "appears on two lines",
+                ));
+            }
+            if !(1..=QUANTITY_MAX).contains(&item.quantity) {
+                fields.push(FieldError::new(
+                    format!("/items/{i}/quantity"),
+                    format!("1 to {QUANTITY_MAX}"),
+                ));
+            }
+        }
+        if self.points_to_use > POINTS_MAX {
+            fields.push(FieldError::new(
+                "/points_to_use",
+                format!("0 to {POINTS_MAX}"),
+            ));
+        }
+        fields
+    }
+}
+
+/// The order id for a request: from its idempotency key (the same key, the same
+/// order), else fresh.
+fn order_id(customer_id: &str, key: Option<&str>) -> String {
+    let uuid = match key {
+        Some(key) => uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("order:{customer_id}:{key}").as_bytes(),
+        ),
+        None => uuid::Uuid::now_v7(),
+    };
+    format!("ord-{}", uuid.simple())
+}
+
+#[derive(Debug, Serialize)]
+struct Placed {
+    order_id: String,
+    status: &'static str,
+}
+
+async fn place(
+    State(orders): State<Orders>,
+    headers: HeaderMap,
+    Input(body): Input<PlaceBody>,
+) -> Result<Response, ApiError> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|k| (1..=200).contains(&k.len()))
+                .ok_or_else(|| {
+                    ApiError::invalid(vec![FieldError::new(
+                        "Idempotency-Key",
+                        "1 to 200 visible characters",
+                    )])
+                })?,
+        ),
+    };
+    let mut lines = Vec::with_capacity(body.items.len());
+    let mut unknown = Vec::new();
+    for (i, item) in body.items.iter().enumerate() {
+        match (orders.prices)(item.sku.clone()).await {
+            Some(price_cents) => lines.push(Line {
+                sku: item.sku.clone(),
+                quantity: item.quantity,
+                price_cents,
+            }),
+            None => unknown.push(FieldError::new(format!("/items/{i}/sku"), "no such SKU")),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(ApiError::invalid(unknown));
+    }
+    let order_id = order_id(&body.customer_id, key);
+    // The command id carries the request's content: the same key with other content
+    // is another command, which the order refuses (409), not a duplicate.
+    let content =
+        serde_json::to_string(&(&body.customer_id, &lines, body.points_to_use)).unwrap_or_default();
+    let digest = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, content.as_bytes()).simple();
+    let command = OrderCommand::Place {
+        order_id: order_id.clone(),
+        customer_id: body.customer_id.clone(),
+        lines,
+        points_used: body.points_to_use,
+        saga_id: order_id.clone(),
+    };
+    let order = eventyr_http::execute_and_load(
+        &orders.orders,
+        &order_id,
+        format!("place:{order_id}:{digest}"),
+        command,
+        failure,
+    )
+    .await
+    .map_err(|e| {
+        if e.code == "invalid_input" {
+            // The order's own rules (points above the total): name the field.
+            ApiError::invalid(vec![FieldError::new("/points_to_use", e.message)])
+        } else {
+            e
+        }
+    })?;
+    // Idempotent: a retried request starts nothing new.
+    orders
+        .sagas
+        .start_with_id(SAGA_TYPE, &order_id, data(&order), Some(order_id.clone()))
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the order saga did not start: {e}")))?;
+    let placed = Placed {
+        status: status_name(&order),
+        order_id: order_id.clone(),
+    };
+    let location = format!("/api/orders/{order_id}");
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        axum::Json(placed),
+    )
+        .into_response())
+}
+
+fn status_name(order: &Order) -> &'static str {
+    use crate::domain::OrderStatus::*;
+    match order.status {
+        None | Pending => "PENDING",
+        Completed => "COMPLETED",
+        Failed => "FAILED",
+        Cancelled => "CANCELLED",
+    }
+}
+
+async fn show(
+    State(orders): State<Orders>,
+    Path(order_id): Path<String>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    check("order_id", valid_id(&order_id), ID_RULE)?;
+    let order = orders.orders.load(&order_id).await.map_err(failure)?.state;
+    if order.order_id.is_empty() {
+        return Err(ApiError::not_found(format!("no order {order_id}")));
+    }
+    Ok(axum::Json(json!({
+        "order_id": order.order_id,
+        "customer_id": order.customer_id,
+        "status": status_name(&order),
+        "items": order.lines,
+        "total_cents": order.total_cents,
+        "points_used": order.points_used,
+        "saga_id": order.saga_id,
+        "failure_reason": order.failure_reason,
+    })))
+}
+
+/// The order service's own saga steps: `order` (forward nothing; its compensation
+/// fails the order with the saga's reason) and `complete`.
+pub fn steps(orders: Arc<CommandHandler<Order>>) -> Vec<(&'static str, StepHandler)> {
+    let order: StepHandler = {
+        let orders = Arc::clone(&orders);
+        Arc::new(move |call| {
+            let orders = Arc::clone(&orders);
+            async move {
+                if !call.compensation {
+                    return Ok(json!({}));
+                }
+                let reason = call.body["reason"]
+                    .as_str()
+                    .unwrap_or("the order saga failed")
+                    .to_owned();
+                let id = call.saga_id.clone();
+                let command = OrderCommand::Fail { reason };
+                eventyr_http::execute(&orders, &id, format!("fail:{id}"), command, failure)
+                    .await
+                    .map(|()| json!({}))
+                    .map_err(step_failure)
+            }
+            .boxed()
+        })
+    };
+    let complete: StepHandler = Arc::new(move |call| {
+        let orders = Arc::clone(&orders);
+        async move {
+            let id = call.saga_id.clone();
+            eventyr_http::execute(
+                &orders,
+                &id,
+                format!("complete:{id}"),
+                OrderCommand::Complete,
+                failure,
+            )
+            .await
+            .map(|()| json!({}))
+            .map_err(step_failure)
+        }
+        .boxed()
+    });
+    vec![("order", order), ("complete", complete)]
+}
+
+/// A local step's error as a saga failure: 5xx transient, the rest refusals.
+fn step_failure(error: ApiError) -> Failure {
+    Failure {
+        error: format!("{}: {}", error.code, error.message),
+        transient: error.status.is_server_error(),
+    }
+}
