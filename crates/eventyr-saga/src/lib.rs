@@ -30,4 +30,4 @@ pub use http::{HttpParticipants, admin_router};
 pub use machine::{
     Effect, Failure, Input, SagaError, SagaEvent, SagaState, SagaStatus, StepCall, TimerKind,
 };
-pub use participants::{InProcess, Participants, Sent, StepHandler};
+pub use participants::{InProcess, Participants, Routed, Sent, StepHandler};

@@ -212,3 +212,34 @@ impl Ledger {
         }
     }
 }
+
+/// Participants chosen by step: some steps in this process, others over HTTP or the
+/// bus.
+#[derive(Clone)]
+pub struct Routed {
+    by_step: HashMap<String, Arc<dyn Participants>>,
+    default: Arc<dyn Participants>,
+}
+
+impl Routed {
+    /// Steps not routed otherwise go to `default`.
+    pub fn new(default: Arc<dyn Participants>) -> Self {
+        Self {
+            by_step: HashMap::new(),
+            default,
+        }
+    }
+
+    pub fn route(mut self, step: impl Into<String>, participants: Arc<dyn Participants>) -> Self {
+        self.by_step.insert(step.into(), participants);
+        self
+    }
+}
+
+#[async_trait]
+impl Participants for Routed {
+    async fn call(&self, call: StepCall) -> Sent {
+        let participants = self.by_step.get(&call.step).unwrap_or(&self.default);
+        participants.call(call).await
+    }
+}

@@ -56,6 +56,9 @@ pub enum StoreKind {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the reference system: six services, the saga engine and the public API, in
+    /// this process, with storage under the data directory.
+    Up(UpArgs),
     /// Write, read and follow events in the event store.
     Events {
         #[command(subcommand)]
@@ -108,6 +111,13 @@ pub enum ProjectionCommand {
         /// The projection's name.
         name: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the public API listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,6 +12,7 @@ mod output;
 mod projection;
 mod saga;
 mod stores;
+mod up;
 
 use std::process::ExitCode;
 
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = config::Config::load(&cli.global)?;
     match cli.command {
+        Command::Up(args) => up::up(&config, args).await,
         Command::Events { command } => match command {
             EventsCommand::Append(args) => events::append(&config, args).await,
             EventsCommand::Read(args) => events::read(&config, args).await,

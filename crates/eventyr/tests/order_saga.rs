@@ -11,7 +11,7 @@ use eventyr_core::{RetryPolicy, SystemClock};
 use eventyr_cqrs::{Aggregate, Command, CommandHandler, HandlerOptions, Upcasters};
 use eventyr_http::testing::{self, serve};
 use eventyr_http::{Faults, conventions};
-use eventyr_saga::{EngineOptions, HttpParticipants, InProcess, Participants, SagaEngine, Sent};
+use eventyr_saga::{EngineOptions, HttpParticipants, InProcess, Participants, Routed, SagaEngine};
 use eventyr_store::{EventStore, MemoryStore};
 use futures::FutureExt;
 use serde_json::{Value, json};
@@ -23,23 +23,6 @@ fn handler<A: Aggregate>() -> Arc<CommandHandler<A>> {
         Arc::new(Upcasters::new()),
         HandlerOptions::default(),
     ))
-}
-
-/// Local steps in process, the rest over HTTP.
-struct Mixed {
-    local: InProcess,
-    remote: HttpParticipants,
-}
-
-#[async_trait::async_trait]
-impl Participants for Mixed {
-    async fn call(&self, call: eventyr_saga::machine::StepCall) -> Sent {
-        if matches!(call.step.as_str(), "order" | "complete") {
-            self.local.call(call).await
-        } else {
-            self.remote.call(call).await
-        }
-    }
 }
 
 struct System {
@@ -163,9 +146,11 @@ async fn system() -> System {
             None,
         );
     let orders = handler::<order::domain::Order>();
-    let local = order::api::steps(Arc::clone(&orders))
-        .into_iter()
-        .fold(InProcess::new(), |p, (name, step)| p.step(name, step));
+    let local = Arc::new(
+        order::api::steps(Arc::clone(&orders))
+            .into_iter()
+            .fold(InProcess::new(), |p, (name, step)| p.step(name, step)),
+    );
     let timeouts = order::saga::Timeouts {
         retry: RetryPolicy {
             attempts_max: 3,
@@ -178,7 +163,11 @@ async fn system() -> System {
     };
     let engine = SagaEngine::new(
         Arc::new(MemoryStore::default()),
-        Arc::new(Mixed { local, remote }),
+        Arc::new(
+            Routed::new(Arc::new(remote))
+                .route("order", Arc::clone(&local) as Arc<dyn Participants>)
+                .route("complete", local as Arc<dyn Participants>),
+        ),
         Arc::new(SystemClock),
         EngineOptions::default(),
     )

@@ -28,12 +28,22 @@ pub struct Inventory {
 }
 
 /// The public and step routes (probes and conventions are added by the wiring).
+/// The public routes only: what the public API serves (the saga's steps stay on the
+/// service's own listener).
+pub fn public(inventory: Inventory) -> Router {
+    public_routes().with_state(inventory)
+}
+
+fn public_routes() -> Router<Inventory> {
+    Router::new().route("/api/inventory/{sku}", get(stock).put(restock))
+}
+
 pub fn router(inventory: Inventory) -> Router {
     let steps = Router::new()
         .route("/internal/reservations", post(reserve))
         .route("/internal/reservations/{id}/release", post(release))
         .route("/internal/reservations/{id}/confirm", post(confirm));
-    let public = Router::new().route("/api/inventory/{sku}", get(stock).put(restock));
+    let public = public_routes();
     let faults = inventory.faults.clone();
     eventyr_http::service(public, steps, inventory, &faults)
 }

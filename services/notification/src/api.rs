@@ -27,9 +27,19 @@ pub struct Notifications {
     pub faults: Faults,
 }
 
+/// The public routes only: what the public API serves (the saga's steps stay on the
+/// service's own listener).
+pub fn public(notifications: Notifications) -> Router {
+    public_routes().with_state(notifications)
+}
+
+fn public_routes() -> Router<Notifications> {
+    Router::new().route("/api/notifications", get(list))
+}
+
 pub fn router(notifications: Notifications) -> Router {
     let steps = Router::new().route("/internal/notifications", post(send));
-    let public = Router::new().route("/api/notifications", get(list));
+    let public = public_routes();
     let faults = notifications.faults.clone();
     eventyr_http::service(public, steps, notifications, &faults)
 }

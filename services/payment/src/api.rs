@@ -43,11 +43,21 @@ pub struct PaymentView {
     pub amount_cents: i64,
 }
 
+/// The public routes only: what the public API serves (the saga's steps stay on the
+/// service's own listener).
+pub fn public(payments: Payments) -> Router {
+    public_routes().with_state(payments)
+}
+
+fn public_routes() -> Router<Payments> {
+    Router::new().route("/api/payments", get(list))
+}
+
 pub fn router(payments: Payments) -> Router {
     let steps = Router::new()
         .route("/internal/payments", post(charge))
         .route("/internal/payments/{payment_id}/refund", post(refund));
-    let public = Router::new().route("/api/payments", get(list));
+    let public = public_routes();
     let faults = payments.faults.clone();
     eventyr_http::service(public, steps, payments, &faults)
 }

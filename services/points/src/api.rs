@@ -23,6 +23,16 @@ pub struct Points {
     pub faults: Faults,
 }
 
+/// The public routes only: what the public API serves (the saga's steps stay on the
+/// service's own listener).
+pub fn public(points: Points) -> Router {
+    public_routes().with_state(points)
+}
+
+fn public_routes() -> Router<Points> {
+    Router::new().route("/api/customers/{customer_id}/points", get(balance))
+}
+
 pub fn router(points: Points) -> Router {
     let steps = Router::new()
         .route("/internal/points/deductions", post(deduct))
@@ -30,7 +40,7 @@ pub fn router(points: Points) -> Router {
             "/internal/points/deductions/{deduction_id}/restore",
             post(restore),
         );
-    let public = Router::new().route("/api/customers/{customer_id}/points", get(balance));
+    let public = public_routes();
     let faults = points.faults.clone();
     eventyr_http::service(public, steps, points, &faults)
 }

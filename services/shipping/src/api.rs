@@ -23,11 +23,21 @@ pub struct Shipping {
     pub faults: Faults,
 }
 
+/// The public routes only: what the public API serves (the saga's steps stay on the
+/// service's own listener).
+pub fn public(shipping: Shipping) -> Router {
+    public_routes().with_state(shipping)
+}
+
+fn public_routes() -> Router<Shipping> {
+    Router::new().route("/api/shipments", get(list))
+}
+
 pub fn router(shipping: Shipping) -> Router {
     let steps = Router::new()
         .route("/internal/shipments", post(create))
         .route("/internal/shipments/{order_id}/cancel", post(cancel));
-    let public = Router::new().route("/api/shipments", get(list));
+    let public = public_routes();
     let faults = shipping.faults.clone();
     eventyr_http::service(public, steps, shipping, &faults)
 }

@@ -1,4 +1,6 @@
 //! Running the `eventyr` binary from tests that also run components in-process.
+//! (Each test crate uses some of these.)
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Command, Output};

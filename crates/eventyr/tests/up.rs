@@ -1,0 +1,144 @@
+//! `eventyr up` as a process: the demo orders reach their outcomes through the public
+//! API; after a SIGKILL and a restart on the same data directory everything is still
+//! there and new orders go on.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use eventyr_http::testing;
+use serde_json::{Value, json};
+
+/// Starts `eventyr up` on a free port; returns the process, the public API's URL and
+/// the shipping service's.
+fn up(dir: &Path) -> (Child, String, String) {
+    let mut child = common::eventyr(dir, &["up", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("eventyr up starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut base = None;
+    let shipping = loop {
+        let line = lines
+            .next()
+            .expect("eventyr up printed its addresses")
+            .expect("a line");
+        if let Some(url) = line.strip_prefix("public API on ") {
+            base = Some(url.to_owned());
+        }
+        if let Some(url) = line.trim().strip_prefix("shipping") {
+            break url.trim().trim_start_matches("steps on ").to_owned();
+        }
+    };
+    let base = base.expect("the public API's address comes first");
+    // Keep reading so that the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, base, shipping)
+}
+
+async fn place(base: &str, key: &str, body: Value) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/orders"))
+        .header("Idempotency-Key", key)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 202);
+    let placed: Value = response.json().await.expect("json");
+    placed["order_id"].as_str().expect("id").to_owned()
+}
+
+async fn settled(base: &str, order_id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, order) = testing::get(&format!("{base}/api/orders/{order_id}")).await;
+        if order["status"] != "PENDING" && !order["status"].is_null() {
+            return order;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{order_id} never settled: {order}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_system_serves_the_demo_and_survives_sigkill() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut first, base, shipping) = up(dir.path());
+    let alice = place(&base, "a", json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 2 }], "points_to_use": 10 })).await;
+    let rare = place(
+        &base,
+        "r",
+        json!({ "customer_id": "alice", "items": [{ "sku": "SKU-RARE", "quantity": 5 }] }),
+    )
+    .await;
+    let bob = place(
+        &base,
+        "b",
+        json!({ "customer_id": "bob", "items": [{ "sku": "SKU-5", "quantity": 2 }] }),
+    )
+    .await;
+    assert_eq!(settled(&base, &alice).await["status"], "COMPLETED");
+    assert_eq!(settled(&base, &rare).await["status"], "FAILED");
+    assert_eq!(settled(&base, &bob).await["status"], "FAILED");
+    let (_, points) = testing::get(&format!("{base}/api/customers/alice/points")).await;
+    assert_eq!(points["balance"], 490);
+
+    // Orders under way when the process dies: shipping answers slowly.
+    let slow = reqwest::Client::new()
+        .put(format!("{shipping}/admin/faults"))
+        .json(&json!({ "latency_ms": 2000 }))
+        .send()
+        .await
+        .expect("set faults");
+    assert_eq!(slow.status(), 200);
+    let mut under_way = Vec::new();
+    for i in 0..20 {
+        let key = format!("k{i}");
+        under_way.push(
+            place(
+                &base,
+                &key,
+                json!({ "customer_id": "alice", "items": [{ "sku": "SKU-2", "quantity": 1 }] }),
+            )
+            .await,
+        );
+    }
+    let (_, pending) =
+        testing::get(&format!("{base}/admin/sagas?status=IN_PROGRESS&limit=100")).await;
+    assert!(
+        !pending.as_array().expect("sagas").is_empty(),
+        "sagas were under way"
+    );
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reaped");
+
+    let (mut second, base, _) = up(dir.path());
+    assert_eq!(
+        settled(&base, &alice).await["status"],
+        "COMPLETED",
+        "still there"
+    );
+    for order in &under_way {
+        assert_eq!(
+            settled(&base, order).await["status"],
+            "COMPLETED",
+            "resumed: {order}"
+        );
+    }
+    let (_, stock) = testing::get(&format!("{base}/api/inventory/SKU-2")).await;
+    assert_eq!(
+        (stock["available"].clone(), stock["reserved"].clone()),
+        (json!(980), json!(0)),
+        "each once"
+    );
+    second.kill().expect("stop");
+    second.wait().expect("reaped");
+}
