@@ -59,6 +59,14 @@ pub enum Command {
     /// Run the reference system: six services, the saga engine and the public API, in
     /// this process, with storage under the data directory.
     Up(UpArgs),
+    /// Check the reference system's cross-service invariants (inventory conservation,
+    /// one net charge and one shipment per completed order, nothing left of failed
+    /// ones, balanced points); exits 1 on a mismatch.
+    Reconcile {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write, read and follow events in the event store.
     Events {
         #[command(subcommand)]

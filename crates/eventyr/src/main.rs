@@ -10,6 +10,7 @@ mod dlq;
 mod events;
 mod output;
 mod projection;
+mod reconcile;
 mod saga;
 mod stores;
 mod up;
@@ -46,6 +47,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = config::Config::load(&cli.global)?;
     match cli.command {
         Command::Up(args) => up::up(&config, args).await,
+        Command::Reconcile { json } => reconcile::run(&config, json).await,
         Command::Events { command } => match command {
             EventsCommand::Append(args) => events::append(&config, args).await,
             EventsCommand::Read(args) => events::read(&config, args).await,

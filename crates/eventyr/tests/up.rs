@@ -141,4 +141,43 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
     );
     second.kill().expect("stop");
     second.wait().expect("reaped");
+
+    // The invariants hold across the services.
+    let reconciled = common::run(dir.path(), &["reconcile"]).await;
+    let report = common::text(&reconciled.stdout);
+    assert!(
+        reconciled.status.success(),
+        "{report}{}",
+        common::text(&reconciled.stderr)
+    );
+    assert!(report.contains("every invariant holds"), "{report}");
+
+    // A reservation left held for a failed order is reported.
+    let store = eventyr_store_sqlite::SqliteStore::open(eventyr_store_sqlite::SqliteOptions::new(
+        dir.path().join("services/inventory.db"),
+    ))
+    .expect("store");
+    let leaked = eventyr_core::NewEvent::json(
+        "InventoryReserved",
+        &json!({ "reservation_id": rare, "quantity": 1, "available": 0 }),
+    )
+    .expect("event");
+    eventyr_store::EventStore::append(
+        &store,
+        eventyr_store::StreamAppend::new(
+            eventyr_core::StreamId::new("item-SKU-RARE").expect("stream"),
+            eventyr_store::ExpectedVersion::Any,
+            vec![leaked],
+        ),
+    )
+    .await
+    .expect("append");
+    drop(store);
+    let broken = common::run(dir.path(), &["reconcile"]).await;
+    assert!(!broken.status.success());
+    let report = common::text(&broken.stdout);
+    assert!(
+        report.contains(&format!("MISMATCH order_outcome {rare}")),
+        "{report}"
+    );
 }
