@@ -59,6 +59,9 @@ pub enum Command {
     /// Run the reference system: six services, the saga engine and the public API, in
     /// this process, with storage under the data directory.
     Up(UpArgs),
+    /// Drive orders through the public API of a running `eventyr up`, wait for every
+    /// saga, reconcile, and print outcomes, latency and throughput.
+    Demo(DemoArgs),
     /// Check the reference system's cross-service invariants (inventory conservation,
     /// one net charge and one shipment per completed order, nothing left of failed
     /// ones, balanced points); exits 1 on a mismatch.
@@ -119,6 +122,38 @@ pub enum ProjectionCommand {
         /// The projection's name.
         name: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Orders to place.
+    #[arg(long, default_value_t = 100)]
+    pub orders: usize,
+    /// Orders in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// realistic: one order in ten fails (out of stock, declined, no points);
+    /// failures: one in two.
+    #[arg(long, value_enum, default_value = "realistic")]
+    pub mix: DemoMix,
+    /// The public API of the running system.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// How long one order may take to settle.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// Skip the reconciliation (the system runs elsewhere).
+    #[arg(long)]
+    pub no_reconcile: bool,
+    /// The seed of the order mix (random by default; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DemoMix {
+    Realistic,
+    Failures,
 }
 
 #[derive(Debug, Args)]

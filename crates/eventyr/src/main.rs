@@ -6,6 +6,7 @@ mod bench;
 mod builtin;
 mod cli;
 mod config;
+mod demo;
 mod dlq;
 mod events;
 mod output;
@@ -47,6 +48,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = config::Config::load(&cli.global)?;
     match cli.command {
         Command::Up(args) => up::up(&config, args).await,
+        Command::Demo(args) => demo::run(&config, args).await,
         Command::Reconcile { json } => reconcile::run(&config, json).await,
         Command::Events { command } => match command {
             EventsCommand::Append(args) => events::append(&config, args).await,

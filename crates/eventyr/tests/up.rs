@@ -181,3 +181,39 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_drives_orders_and_every_invariant_holds() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut system, base, _) = up(dir.path());
+    let args = [
+        "demo",
+        "--orders",
+        "60",
+        "--concurrency",
+        "4",
+        "--mix",
+        "failures",
+        "--url",
+        &base,
+    ];
+    let demo = common::run(dir.path(), &args).await;
+    let output = common::text(&demo.stdout);
+    assert!(
+        demo.status.success(),
+        "{output}{}",
+        common::text(&demo.stderr)
+    );
+    for line in [
+        "60 orders in",
+        "COMPLETED",
+        "out of stock",
+        "payment declined",
+        "insufficient points",
+        "every invariant holds",
+    ] {
+        assert!(output.contains(line), "no {line:?} in:\n{output}");
+    }
+    system.kill().expect("stop");
+    system.wait().expect("reaped");
+}

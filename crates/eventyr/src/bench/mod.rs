@@ -6,7 +6,7 @@ mod bus;
 mod cqrs;
 mod fsync;
 mod saga;
-mod stats;
+pub mod stats;
 mod store;
 
 use crate::cli::BenchCommand;
