@@ -34,7 +34,11 @@ fn plan(args: &DemoArgs, seed: u64) -> Vec<Planned> {
             let body = if rng.f64() >= failure_share {
                 let sku = format!("SKU-{}", rng.u32(1..=20));
                 let points = if rng.f64() < 0.3 { 10 } else { 0 };
-                json!({ "customer_id": "alice", "items": [{ "sku": sku, "quantity": rng.u32(1..=3) }], "points_to_use": points })
+                let customer = match rng.u32(0..10) {
+                    0 => "alice".to_owned(),
+                    _ => format!("c{:03}", rng.u32(1..=crate::up::DEMO_CUSTOMERS)),
+                };
+                json!({ "customer_id": customer, "items": [{ "sku": sku, "quantity": rng.u32(1..=3) }], "points_to_use": points })
             } else {
                 match rng.u32(0..3) {
                     0 => json!({ "customer_id": "alice", "items": [{ "sku": "SKU-RARE", "quantity": 5 }] }),

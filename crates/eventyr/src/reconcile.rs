@@ -141,6 +141,9 @@ pub async fn check(data_dir: &Path, config: &Config) -> anyhow::Result<Report> {
             });
         }
     }
+    // Each customer's accounts, loaded once (a busy customer has thousands of events).
+    let mut credits: BTreeMap<String, CreditAccount> = BTreeMap::new();
+    let mut ledgers: BTreeMap<String, PointsAccount> = BTreeMap::new();
     for order_id in ids(&h.stores["order"], "order").await? {
         let order = h.orders.load(&order_id).await?.state;
         let status = format!("{:?}", order.status).to_uppercase();
@@ -149,11 +152,19 @@ pub async fn check(data_dir: &Path, config: &Config) -> anyhow::Result<Report> {
             continue;
         }
         let mut problems = Vec::new();
-        let credit = h.credit.load(&order.customer_id).await?.state;
+        if !credits.contains_key(&order.customer_id) {
+            let account = h.credit.load(&order.customer_id).await?.state;
+            credits.insert(order.customer_id.clone(), account);
+        }
+        let credit = &credits[&order.customer_id];
         let charged = credit
             .payment(&order_id)
             .is_some_and(|p| p.state == PaymentState::Charged);
-        let points = h.points.load(&order.customer_id).await?.state;
+        if !ledgers.contains_key(&order.customer_id) {
+            let account = h.points.load(&order.customer_id).await?.state;
+            ledgers.insert(order.customer_id.clone(), account);
+        }
+        let points = &ledgers[&order.customer_id];
         let deducted = points
             .deductions
             .get(&order_id)

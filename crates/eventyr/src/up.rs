@@ -69,6 +69,9 @@ fn ready(store: &Arc<dyn EventStore>) -> ReadyCheck {
     })
 }
 
+/// Extra demo customers, `c001` … `c100`.
+pub const DEMO_CUSTOMERS: u32 = 100;
+
 /// The demo data of PLAN.md, idempotent (command ids), so it runs on every start.
 async fn seed(
     items: &CommandHandler<inventory::domain::Item>,
@@ -92,7 +95,13 @@ async fn seed(
             Err(error) => return Err(error.into()),
         }
     }
-    for (customer, limit_cents, balance) in [("alice", 10_000_000, 500), ("bob", 5_000, 0)] {
+    // PLAN.md's alice and bob, and 100 more customers for `eventyr demo`'s load (one
+    // customer's aggregates would serialise every order on them).
+    let mut customers: Vec<(String, i64, u64)> =
+        vec![("alice".into(), 10_000_000, 500), ("bob".into(), 5_000, 0)];
+    customers.extend((1..=DEMO_CUSTOMERS).map(|i| (format!("c{i:03}"), 100_000_000, 1_000_000)));
+    for (customer, limit_cents, balance) in customers {
+        let customer = customer.as_str();
         let id = eventyr_cqrs::CommandId::new(format!("seed:credit:{customer}"))?;
         let open = payment::domain::CreditCommand::Open {
             customer_id: customer.into(),
