@@ -369,6 +369,12 @@ pub async fn start(
         }
     });
 
+    // Orders placed whose saga never started (the process died in between).
+    order::api::restart_sagas(&orders, &order_store, &sagas)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("cannot restart the sagas of pending orders: {}", e.message)
+        })?;
     let public = order::api::router(order::api::Orders {
         orders,
         sagas: sagas.clone(),

@@ -27,6 +27,9 @@ fn handler<A: Aggregate>() -> Arc<CommandHandler<A>> {
 
 struct System {
     public: String,
+    orders: Arc<CommandHandler<order::domain::Order>>,
+    order_store: Arc<dyn EventStore>,
+    sagas: eventyr_saga::SagaHandle,
     items: Arc<CommandHandler<inventory::domain::Item>>,
     credit: Arc<CommandHandler<payment::domain::CreditAccount>>,
 }
@@ -145,7 +148,12 @@ async fn system() -> System {
             format!("{note}/internal/notifications"),
             None,
         );
-    let orders = handler::<order::domain::Order>();
+    let order_store: Arc<dyn EventStore> = Arc::new(MemoryStore::default());
+    let orders: Arc<CommandHandler<order::domain::Order>> = Arc::new(CommandHandler::new(
+        Arc::clone(&order_store),
+        Arc::new(Upcasters::new()),
+        HandlerOptions::default(),
+    ));
     let local = Arc::new(
         order::api::steps(Arc::clone(&orders))
             .into_iter()
@@ -186,13 +194,16 @@ async fn system() -> System {
         })
     };
     let public = serve(conventions(order::api::router(order::api::Orders {
-        orders,
-        sagas,
+        orders: Arc::clone(&orders),
+        sagas: sagas.clone(),
         prices,
     })))
     .await;
     System {
         public,
+        orders,
+        order_store,
+        sagas,
         items,
         credit,
     }
@@ -301,6 +312,27 @@ async fn the_demo_orders_reach_their_outcomes_across_the_services() {
         s.credit.load("bob").await.expect("load").state.used_cents,
         0
     );
+
+    // An order placed whose saga never started (a crash in between) is picked up.
+    let orphan = order::domain::OrderCommand::Place {
+        order_id: "orphan-1".into(),
+        customer_id: "alice".into(),
+        lines: vec![order::domain::Line {
+            sku: "SKU-1".into(),
+            quantity: 1,
+            price_cents: 500,
+        }],
+        points_used: 0,
+        saga_id: "orphan-1".into(),
+    };
+    s.orders
+        .execute(Command::new("orphan-1", orphan))
+        .await
+        .expect("placed");
+    order::api::restart_sagas(&s.orders, &s.order_store, &s.sagas)
+        .await
+        .expect("restart");
+    assert_eq!(s.settled("orphan-1").await["status"], "COMPLETED");
 
     let (status, body) = s
         .place(

@@ -293,3 +293,42 @@ fn step_failure(error: ApiError) -> Failure {
         transient: error.status.is_server_error(),
     }
 }
+
+/// Starts the saga of every PENDING order that has none (placed, then the process
+/// died before the saga started). Starts are idempotent, so running it at every start
+/// is safe. Returns how many orders it looked at.
+pub async fn restart_sagas(
+    orders: &CommandHandler<Order>,
+    store: &Arc<dyn eventyr_store::EventStore>,
+    sagas: &SagaHandle,
+) -> Result<usize, ApiError> {
+    use eventyr_store::{Filter, ReadAll};
+    let prefix = format!("{}-", <Order as eventyr_cqrs::Aggregate>::KIND);
+    let mut read = ReadAll::from(eventyr_core::Position::FIRST)
+        .limit(5_000)
+        .filter(Filter::event_type_prefix("OrderCreated"));
+    let mut looked = 0;
+    loop {
+        let slice = store
+            .read_all(&read)
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        for event in &slice.events {
+            let Some(order_id) = event.stream_id.as_str().strip_prefix(&prefix) else {
+                continue;
+            };
+            looked += 1;
+            let order = orders.load(order_id).await.map_err(failure)?.state;
+            if order.status == crate::domain::OrderStatus::Pending {
+                sagas
+                    .start_with_id(SAGA_TYPE, order_id, data(&order), Some(order_id.to_owned()))
+                    .await
+                    .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            }
+        }
+        if slice.is_end() {
+            return Ok(looked);
+        }
+        read.from = slice.next;
+    }
+}
