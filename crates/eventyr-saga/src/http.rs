@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use crate::engine::{EngineError, SagaHandle};
 use crate::machine::{self, Failure, SagaStatus, StepCall};
 use crate::participants::{Participants, Sent};
+use eventyr_telemetry::names;
 
 /// Where a step's action and compensation are.
 #[derive(Debug, Clone)]
@@ -43,6 +44,96 @@ pub struct HttpParticipants {
     client: reqwest::Client,
     clock: Arc<dyn Clock>,
     steps: HashMap<String, Endpoints>,
+    resilience: Resilience,
+    guards: HashMap<String, Arc<Guard>>,
+}
+
+/// How each downstream step is protected: a circuit breaker (after
+/// `failures_to_open` transient failures in a row, calls fail at once for `open_for`,
+/// then one trial call decides) and a bulkhead (at most `concurrent_max` calls at once;
+/// beyond it, calls fail at once). Both answer with a transient failure, so the saga
+/// retries the step later with its backoff.
+#[derive(Debug, Clone, Copy)]
+pub struct Resilience {
+    pub failures_to_open: u32,
+    pub open_for: Duration,
+    pub concurrent_max: usize,
+}
+
+impl Default for Resilience {
+    fn default() -> Self {
+        Self {
+            failures_to_open: 5,
+            open_for: Duration::from_secs(5),
+            concurrent_max: 64,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Circuit {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: std::time::Instant,
+    },
+    /// One trial call is out.
+    HalfOpen,
+}
+
+#[derive(Debug)]
+struct Guard {
+    circuit: std::sync::Mutex<Circuit>,
+    bulkhead: Arc<tokio::sync::Semaphore>,
+}
+
+impl Guard {
+    fn new(resilience: &Resilience) -> Self {
+        Self {
+            circuit: std::sync::Mutex::new(Circuit::Closed { failures: 0 }),
+            bulkhead: Arc::new(tokio::sync::Semaphore::new(
+                resilience.concurrent_max.max(1),
+            )),
+        }
+    }
+
+    fn circuit(&self) -> std::sync::MutexGuard<'_, Circuit> {
+        self.circuit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a call may go now.
+    fn admit(&self) -> bool {
+        let mut circuit = self.circuit();
+        match *circuit {
+            Circuit::Closed { .. } => true,
+            Circuit::Open { until } if std::time::Instant::now() >= until => {
+                *circuit = Circuit::HalfOpen;
+                true
+            }
+            Circuit::Open { .. } | Circuit::HalfOpen => false,
+        }
+    }
+
+    /// Records a call's outcome; returns whether the circuit is open after it.
+    fn record(&self, transient_failure: bool, resilience: &Resilience) -> bool {
+        let mut circuit = self.circuit();
+        let failures = match (&*circuit, transient_failure) {
+            (_, false) => 0,
+            (Circuit::Closed { failures }, true) => failures + 1,
+            (Circuit::HalfOpen | Circuit::Open { .. }, true) => resilience.failures_to_open,
+        };
+        *circuit = if failures >= resilience.failures_to_open.max(1) {
+            Circuit::Open {
+                until: std::time::Instant::now() + resilience.open_for,
+            }
+        } else {
+            Circuit::Closed { failures }
+        };
+        matches!(*circuit, Circuit::Open { .. })
+    }
 }
 
 /// The shortest time an attempt is given, even past its deadline (a recovered call).
@@ -58,7 +149,15 @@ impl HttpParticipants {
             client,
             clock,
             steps: HashMap::new(),
+            resilience: Resilience::default(),
+            guards: HashMap::new(),
         })
+    }
+
+    /// The circuit breaker and bulkhead of every step (set before adding steps).
+    pub fn resilience(mut self, resilience: Resilience) -> Self {
+        self.resilience = resilience;
+        self
     }
 
     /// Step `step` is `POST action`, its compensation `POST compensation`.
@@ -72,7 +171,10 @@ impl HttpParticipants {
             action: action.into(),
             compensation,
         };
-        self.steps.insert(step.into(), endpoints);
+        let step = step.into();
+        self.guards
+            .insert(step.clone(), Arc::new(Guard::new(&self.resilience)));
+        self.steps.insert(step, endpoints);
         self
     }
 }
@@ -99,10 +201,38 @@ impl Participants for HttpParticipants {
             ))));
         };
         let url = fill(&url, &call);
+        let Some(guard) = self.guards.get(&call.step).cloned() else {
+            return Sent::Replied(Err(Failure::permanent("no guard for the step")));
+        };
+        let label = [(names::LABEL_STEP, call.step.clone())];
+        if !guard.admit() {
+            return Sent::Replied(Err(Failure::transient(format!(
+                "the circuit of step {} is open: its participant keeps failing",
+                call.step
+            ))));
+        }
+        let Ok(_permit) = Arc::clone(&guard.bulkhead).try_acquire_owned() else {
+            metrics::counter!(names::SAGA_BULKHEAD_REJECTED_TOTAL, &label).increment(1);
+            return Sent::Replied(Err(Failure::transient(format!(
+                "the bulkhead of step {} is full ({} calls at once)",
+                call.step, self.resilience.concurrent_max
+            ))));
+        };
+        let sent = self.send(&url, &call).await;
+        let transient = matches!(&sent, Sent::Replied(Err(failure)) if failure.transient);
+        let open = guard.record(transient, &self.resilience);
+        metrics::gauge!(names::SAGA_CIRCUIT_OPEN, &label).set(if open { 1.0 } else { 0.0 });
+        sent
+    }
+}
+
+impl HttpParticipants {
+    /// One HTTP call of a step.
+    async fn send(&self, url: &str, call: &StepCall) -> Sent {
         let timeout = machine::until(self.clock.now(), call.deadline).max(ATTEMPT_MIN);
         let request = self
             .client
-            .post(&url)
+            .post(url)
             .timeout(timeout)
             .header("Idempotency-Key", &call.idempotency_key)
             .header("X-Eventyr-Saga", &call.saga_id)

@@ -294,3 +294,83 @@ async fn the_admin_api_lists_shows_and_refuses_with_json_errors() {
         .expect("retry");
     assert_eq!(retry.status(), 409);
 }
+
+fn call_of(step: &str, attempt: u32) -> StepCall {
+    StepCall {
+        saga_id: "s".into(),
+        saga_type: "trip".into(),
+        step: step.into(),
+        attempt,
+        compensation: false,
+        idempotency_key: format!("s/{step}"),
+        deadline: Timestamp::from_system_time(std::time::SystemTime::now())
+            .saturating_add(Duration::from_secs(5)),
+        body: json!({}),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_participant_opens_its_circuit_and_a_busy_one_fills_its_bulkhead() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let hits = Arc::new(AtomicU32::new(0));
+    let router = Router::new()
+        .route(
+            "/down",
+            post({
+                let hits = Arc::clone(&hits);
+                move || {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    async { StatusCode::SERVICE_UNAVAILABLE }
+                }
+            }),
+        )
+        .route(
+            "/slow",
+            post(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                StatusCode::OK
+            }),
+        );
+    let base = serve(router).await;
+    let resilience = eventyr_saga::http::Resilience {
+        failures_to_open: 3,
+        open_for: Duration::from_millis(300),
+        concurrent_max: 1,
+    };
+    let participants = HttpParticipants::new(Arc::new(SystemClock))
+        .expect("client")
+        .resilience(resilience)
+        .step("down", format!("{base}/down"), None)
+        .step("slow", format!("{base}/slow"), None);
+
+    for attempt in 1..=5 {
+        let Sent::Replied(Err(failure)) = participants.call(call_of("down", attempt)).await else {
+            panic!("a failure");
+        };
+        assert!(failure.transient);
+        if attempt > 3 {
+            assert!(failure.error.contains("circuit"), "{failure:?}");
+        }
+    }
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        3,
+        "open: no call reaches the participant"
+    );
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let _ = participants.call(call_of("down", 6)).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 4, "one trial after the pause");
+
+    let (first, second) = tokio::join!(participants.call(call_of("slow", 1)), async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        participants.call(call_of("slow", 1)).await
+    });
+    assert!(matches!(first, Sent::Replied(Ok(_))), "{first:?}");
+    let Sent::Replied(Err(full)) = second else {
+        panic!("the bulkhead is full: {second:?}");
+    };
+    assert!(
+        full.transient && full.error.contains("bulkhead"),
+        "{full:?}"
+    );
+}

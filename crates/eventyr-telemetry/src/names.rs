@@ -43,6 +43,10 @@ pub const SAGA_COMPENSATIONS_FAILED_TOTAL: &str = "eventyr_saga_compensations_fa
 pub const SAGA_FLOWS_STUCK: &str = "eventyr_saga_flows_stuck";
 /// Label: a choreographed flow's name.
 pub const LABEL_FLOW: &str = "flow";
+/// 1 while the circuit breaker of a saga step's HTTP participant is open, by step.
+pub const SAGA_CIRCUIT_OPEN: &str = "eventyr_saga_circuit_open";
+/// Step calls refused by a full bulkhead, by step.
+pub const SAGA_BULKHEAD_REJECTED_TOTAL: &str = "eventyr_saga_bulkhead_rejected_total";
 /// Timers armed and not yet rung (deadlines and retries).
 pub const SAGA_TIMERS_PENDING: &str = "eventyr_saga_timers_pending";
 
@@ -199,6 +203,14 @@ pub fn describe() {
         "Compensations given up on: the saga is FAILED and flagged for manual intervention."
     );
     describe_gauge!(SAGA_TIMERS_PENDING, "Saga timers armed and not yet rung.");
+    describe_gauge!(
+        SAGA_CIRCUIT_OPEN,
+        "1 while the circuit breaker of a saga step's HTTP participant is open, by step."
+    );
+    describe_counter!(
+        SAGA_BULKHEAD_REJECTED_TOTAL,
+        "Saga step calls refused by a full bulkhead, by step."
+    );
     describe_gauge!(
         SAGA_FLOWS_STUCK,
         "Choreographed flows not finished within their deadline, by flow."
