@@ -47,3 +47,9 @@ pub fn fields(body: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A service's router as it runs: with probes (always ready) and the conventions.
+pub fn app(router: Router) -> Router {
+    let ready: crate::ReadyCheck = std::sync::Arc::new(|| Box::pin(async { Ok(()) }));
+    crate::conventions(router.merge(crate::probes(ready, None)))
+}

@@ -193,11 +193,15 @@ async fn system() -> System {
             .boxed()
         })
     };
-    let public = serve(conventions(order::api::router(order::api::Orders {
-        orders: Arc::clone(&orders),
-        sagas: sagas.clone(),
-        prices,
-    })))
+    let ready: eventyr_http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+    let public = serve(conventions(
+        order::api::router(order::api::Orders {
+            orders: Arc::clone(&orders),
+            sagas: sagas.clone(),
+            prices,
+        })
+        .merge(eventyr_http::probes(ready, None)),
+    ))
     .await;
     System {
         public,
@@ -333,6 +337,28 @@ async fn the_demo_orders_reach_their_outcomes_across_the_services() {
         .await
         .expect("restart");
     assert_eq!(s.settled("orphan-1").await["status"], "COMPLETED");
+
+    // The order service keeps its contract.
+    let contract = eventyr_testkit::contracts::Contract::load("order");
+    let id = completed["order_id"].as_str().expect("id").to_owned();
+    let (status, _) = contract
+        .call(
+            &s.public,
+            "get",
+            "/api/orders/{order_id}",
+            &[("order_id", &id)],
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let unknown = [("order_id", "no-such-order")];
+    assert_eq!(
+        contract
+            .call(&s.public, "get", "/api/orders/{order_id}", &unknown, None)
+            .await
+            .0,
+        404
+    );
 
     let (status, body) = s
         .place(

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use eventyr_cqrs::{Command, CommandHandler, HandlerOptions, Upcasters};
+use eventyr_http::Faults;
 use eventyr_http::testing::{self, serve};
-use eventyr_http::{Faults, conventions};
 use eventyr_store::{EventStore, MemoryStore};
 use inventory::api::{Inventory, router};
 use inventory::domain::{Item, ItemCommand};
@@ -33,7 +33,7 @@ async fn service() -> Service {
         };
         items.execute(Command::new(sku, stock)).await.expect("seed");
     }
-    let app = conventions(router(Inventory {
+    let app = testing::app(router(Inventory {
         items: Arc::clone(&items),
         faults: Faults::default(),
     }));
@@ -177,4 +177,61 @@ async fn restock_and_bad_input() {
         (status, body["fields"][0]["field"].clone()),
         (400, json!("/items"))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_keeps_its_contract() {
+    let s = service().await;
+    let contract = eventyr_testkit::contracts::Contract::load("inventory");
+    let ids = [("sku", "SKU-1"), ("reservation_id", "r0")];
+    contract.check_served(&s.base, &ids).await;
+    let fill = [("sku", "SKU-1"), ("reservation_id", "r1")];
+    let cases = [
+        ("get", "/api/inventory/{sku}", None, 200),
+        (
+            "put",
+            "/api/inventory/{sku}",
+            Some(json!({ "available": 200 })),
+            200,
+        ),
+        (
+            "put",
+            "/api/inventory/{sku}",
+            Some(json!({ "available": -1 })),
+            400,
+        ),
+        (
+            "post",
+            "/internal/reservations",
+            Some(json!({ "reservation_id": "r1", "items": [{ "sku": "SKU-1", "quantity": 2 }] })),
+            200,
+        ),
+        (
+            "post",
+            "/internal/reservations",
+            Some(
+                json!({ "reservation_id": "r2", "items": [{ "sku": "SKU-RARE", "quantity": 5 }] }),
+            ),
+            409,
+        ),
+        (
+            "post",
+            "/internal/reservations/{reservation_id}/confirm",
+            Some(json!({ "skus": ["SKU-1"] })),
+            200,
+        ),
+        (
+            "post",
+            "/internal/reservations/{reservation_id}/release",
+            Some(json!({ "skus": ["SKU-1"] })),
+            200,
+        ),
+        (
+            "put",
+            "/admin/faults",
+            Some(json!({ "latency_ms": 0 })),
+            200,
+        ),
+    ];
+    contract.check_cases(&s.base, &fill, &cases).await;
 }

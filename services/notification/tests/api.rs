@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use eventyr_cqrs::{CommandHandler, HandlerOptions, Upcasters};
 use eventyr_http::testing::{self, serve};
-use eventyr_http::{FaultSettings, Faults, conventions};
+use eventyr_http::{FaultSettings, Faults};
 use eventyr_store::{EventStore, MemoryStore};
 use notification::api::{Notifications, router};
 use serde_json::json;
@@ -20,7 +20,7 @@ async fn notifications_are_sent_once_and_listed_in_pages() {
         HandlerOptions::default(),
     ));
     let faults = Faults::default();
-    let base = serve(conventions(router(Notifications {
+    let base = serve(testing::app(router(Notifications {
         mailboxes,
         store,
         faults: faults.clone(),

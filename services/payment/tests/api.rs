@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use eventyr_cqrs::{Command, CommandHandler, HandlerOptions, Upcasters};
+use eventyr_http::Faults;
 use eventyr_http::testing::{self, serve};
-use eventyr_http::{Faults, conventions};
 use eventyr_store::{EventStore, MemoryStore};
 use futures::FutureExt;
 use payment::api::{PaymentView, Payments, router};
@@ -54,7 +54,7 @@ async fn service() -> Service {
             .boxed()
         })
     };
-    let app = conventions(router(Payments {
+    let app = testing::app(router(Payments {
         accounts: Arc::clone(&accounts),
         of_order,
         faults: Faults::default(),
@@ -155,4 +155,28 @@ async fn a_refund_first_tombstones_and_input_is_checked() {
     let unknown =
         json!({ "payment_id": "p1", "order_id": "o1", "customer_id": "zed", "amount_cents": 5 });
     assert_eq!(post(&s.base, "/internal/payments", unknown).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_keeps_its_contract() {
+    let s = service().await;
+    let contract = eventyr_testkit::contracts::Contract::load("payment");
+    contract
+        .check_served(&s.base, &[("payment_id", "p0")])
+        .await;
+    let cases = [
+        ("post", "/internal/payments", Some(charge("p1", 1_000)), 200),
+        ("post", "/internal/payments", Some(charge("p2", 9_000)), 409),
+        ("post", "/internal/payments", Some(charge("p 3", 1)), 400),
+        (
+            "post",
+            "/internal/payments/{payment_id}/refund",
+            Some(json!({ "customer_id": "bob" })),
+            200,
+        ),
+        ("get", "/api/payments?order_id=order-p1", None, 200),
+    ];
+    contract
+        .check_cases(&s.base, &[("payment_id", "p1")], &cases)
+        .await;
 }

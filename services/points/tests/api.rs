@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use eventyr_cqrs::{Command, CommandHandler, HandlerOptions, Upcasters};
+use eventyr_http::Faults;
 use eventyr_http::testing::{self, serve};
-use eventyr_http::{Faults, conventions};
 use eventyr_store::{EventStore, MemoryStore};
 use points::api::{Points, router};
 use points::domain::{PointsAccount, PointsCommand};
@@ -26,7 +26,7 @@ async fn service() -> String {
         .execute(Command::new("alice", open))
         .await
         .expect("seed");
-    serve(conventions(router(Points {
+    serve(testing::app(router(Points {
         accounts,
         faults: Faults::default(),
     })))
@@ -102,4 +102,48 @@ async fn a_restore_first_tombstones_and_input_is_checked() {
             .0,
         400
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_keeps_its_contract() {
+    let base = service().await;
+    let contract = eventyr_testkit::contracts::Contract::load("points");
+    contract
+        .check_served(&base, &[("customer_id", "alice"), ("deduction_id", "d0")])
+        .await;
+    let deduct = |id: &str, points: u64| json!({ "deduction_id": id, "customer_id": "alice", "points": points });
+    let cases = [
+        (
+            "post",
+            "/internal/points/deductions",
+            Some(deduct("d1", 10)),
+            200,
+        ),
+        (
+            "post",
+            "/internal/points/deductions",
+            Some(deduct("d2", 10_000)),
+            409,
+        ),
+        (
+            "post",
+            "/internal/points/deductions",
+            Some(deduct("d3", 0)),
+            400,
+        ),
+        (
+            "post",
+            "/internal/points/deductions/{deduction_id}/restore",
+            Some(json!({ "customer_id": "alice" })),
+            200,
+        ),
+        ("get", "/api/customers/{customer_id}/points", None, 200),
+    ];
+    contract
+        .check_cases(
+            &base,
+            &[("customer_id", "alice"), ("deduction_id", "d1")],
+            &cases,
+        )
+        .await;
 }

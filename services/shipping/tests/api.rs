@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use eventyr_cqrs::{CommandHandler, HandlerOptions, Upcasters};
+use eventyr_http::Faults;
 use eventyr_http::testing::{self, serve};
-use eventyr_http::{Faults, conventions};
 use eventyr_store::{EventStore, MemoryStore};
 use serde_json::json;
 use shipping::api::{Shipping, router};
@@ -17,7 +17,7 @@ async fn service() -> String {
         Arc::new(Upcasters::new()),
         HandlerOptions::default(),
     ));
-    serve(conventions(router(Shipping {
+    serve(testing::app(router(Shipping {
         shipments,
         faults: Faults::default(),
     })))
@@ -58,4 +58,30 @@ async fn a_shipment_is_created_and_cancelled_once_per_order() {
         (status, testing::fields(&body)),
         (400, vec!["/order_id".to_owned(), "/customer_id".to_owned()])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_keeps_its_contract() {
+    let base = service().await;
+    let contract = eventyr_testkit::contracts::Contract::load("shipping");
+    contract.check_served(&base, &[("order_id", "o0")]).await;
+    let cases = [
+        (
+            "post",
+            "/internal/shipments",
+            Some(json!({ "order_id": "o1", "customer_id": "alice" })),
+            200,
+        ),
+        ("get", "/api/shipments?order_id=o1", None, 200),
+        ("post", "/internal/shipments/{order_id}/cancel", None, 200),
+        (
+            "post",
+            "/internal/shipments",
+            Some(json!({ "order_id": "o 1", "customer_id": "alice" })),
+            400,
+        ),
+    ];
+    contract
+        .check_cases(&base, &[("order_id", "o1")], &cases)
+        .await;
 }
