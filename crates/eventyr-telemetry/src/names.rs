@@ -17,6 +17,10 @@ pub const LABEL_SERVICE: &str = "service";
 /// Label: a bus consumer's name.
 pub const LABEL_CONSUMER: &str = "consumer";
 
+/// Broken cross-service invariants the last reconciliation found ("Data inconsistency
+/// detected").
+pub const RECONCILIATION_MISMATCHES: &str = "eventyr_reconciliation_mismatches";
+
 /// Label: a saga type (`order`, `trip`).
 pub const LABEL_SAGA_TYPE: &str = "saga_type";
 /// Label: a saga step's name.
@@ -177,6 +181,10 @@ pub fn describe() {
     describe_counter!(
         PROJECTION_FAILURES_TOTAL,
         "Failed attempts to apply a batch, by projection."
+    );
+    describe_gauge!(
+        RECONCILIATION_MISMATCHES,
+        "Broken cross-service invariants the last reconciliation found."
     );
     describe_counter!(SAGA_STARTED_TOTAL, "Sagas started, by type.");
     describe_counter!(

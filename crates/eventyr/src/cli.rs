@@ -161,6 +161,9 @@ pub struct UpArgs {
     /// Where the public API listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
+    /// How often the reconciliation checks the cross-service invariants, e.g. 5m.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub reconcile_every: Duration,
 }
 
 #[derive(Debug, Subcommand)]

@@ -415,9 +415,15 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
         "demo customers: alice (credit 100 000.00, 500 points), bob (credit 50.00, no points)"
     );
     println!(
-        "started at {}; Ctrl-C stops it",
-        Timestamp::from_system_time(std::time::SystemTime::now())
+        "started at {}; reconciliation every {:?}; Ctrl-C stops it",
+        Timestamp::from_system_time(std::time::SystemTime::now()),
+        args.reconcile_every
     );
+    tokio::spawn(reconcile_every(
+        config.clone(),
+        args.reconcile_every,
+        stop.subscribe(),
+    ));
     tokio::signal::ctrl_c()
         .await
         .context("cannot wait for Ctrl-C")?;
@@ -426,4 +432,32 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
     // Let the listeners finish their requests.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// The periodic reconciliation: every `period`, checks the invariants; a mismatch is
+/// an error line ("Data inconsistency detected") and the
+/// `eventyr_reconciliation_mismatches` gauge.
+async fn reconcile_every(config: Config, period: Duration, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(period.max(Duration::from_secs(1)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = interval.tick() => {}
+        }
+        match crate::reconcile::check(&config.data_dir, &config).await {
+            Ok(report) => {
+                metrics::gauge!(eventyr_telemetry::names::RECONCILIATION_MISMATCHES)
+                    .set(report.mismatches.len() as f64);
+                for mismatch in &report.mismatches {
+                    eprintln!(
+                        "error: Data inconsistency detected: {} {}: {}",
+                        mismatch.check, mismatch.id, mismatch.detail
+                    );
+                }
+            }
+            Err(error) => eprintln!("error: the reconciliation failed: {error:#}"),
+        }
+    }
 }

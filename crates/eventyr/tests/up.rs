@@ -15,8 +15,15 @@ use serde_json::{Value, json};
 /// Starts `eventyr up` on a free port; returns the process, the public API's URL and
 /// the shipping service's.
 fn up(dir: &Path) -> (Child, String, String) {
-    let mut child = common::eventyr(dir, &["up", "--listen", "127.0.0.1:0"])
+    up_with(dir, &[], Stdio::inherit())
+}
+
+fn up_with(dir: &Path, extra: &[&str], stderr: Stdio) -> (Child, String, String) {
+    let mut args = vec!["up", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut child = common::eventyr(dir, &args)
         .stdout(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .expect("eventyr up starts");
     let stdout = child.stdout.take().expect("stdout");
@@ -38,6 +45,30 @@ fn up(dir: &Path) -> (Child, String, String) {
     // Keep reading so that the process never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     (child, base, shipping)
+}
+
+/// Writes stock held for `order_id` into the inventory's store behind the services'
+/// back: an inconsistency for the reconciliation to find.
+async fn leak_reservation(dir: &Path, order_id: &str) {
+    let store = eventyr_store_sqlite::SqliteStore::open(eventyr_store_sqlite::SqliteOptions::new(
+        dir.join("services/inventory.db"),
+    ))
+    .expect("store");
+    let leaked = eventyr_core::NewEvent::json(
+        "InventoryReserved",
+        &json!({ "reservation_id": order_id, "quantity": 1, "available": 0 }),
+    )
+    .expect("event");
+    eventyr_store::EventStore::append(
+        &store,
+        eventyr_store::StreamAppend::new(
+            eventyr_core::StreamId::new("item-SKU-RARE").expect("stream"),
+            eventyr_store::ExpectedVersion::Any,
+            vec![leaked],
+        ),
+    )
+    .await
+    .expect("append");
 }
 
 async fn place(base: &str, key: &str, body: Value) -> String {
@@ -153,26 +184,7 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
     assert!(report.contains("every invariant holds"), "{report}");
 
     // A reservation left held for a failed order is reported.
-    let store = eventyr_store_sqlite::SqliteStore::open(eventyr_store_sqlite::SqliteOptions::new(
-        dir.path().join("services/inventory.db"),
-    ))
-    .expect("store");
-    let leaked = eventyr_core::NewEvent::json(
-        "InventoryReserved",
-        &json!({ "reservation_id": rare, "quantity": 1, "available": 0 }),
-    )
-    .expect("event");
-    eventyr_store::EventStore::append(
-        &store,
-        eventyr_store::StreamAppend::new(
-            eventyr_core::StreamId::new("item-SKU-RARE").expect("stream"),
-            eventyr_store::ExpectedVersion::Any,
-            vec![leaked],
-        ),
-    )
-    .await
-    .expect("append");
-    drop(store);
+    leak_reservation(dir.path(), &rare).await;
     let broken = common::run(dir.path(), &["reconcile"]).await;
     assert!(!broken.status.success());
     let report = common::text(&broken.stdout);
@@ -214,6 +226,35 @@ async fn the_demo_drives_orders_and_every_invariant_holds() {
     ] {
         assert!(output.contains(line), "no {line:?} in:\n{output}");
     }
+    system.kill().expect("stop");
+    system.wait().expect("reaped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_reconciliation_reports_an_inconsistency() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut system, base, _) = up_with(dir.path(), &["--reconcile-every", "1s"], Stdio::piped());
+    let stderr = system.stderr.take().expect("stderr");
+    let failed = place(
+        &base,
+        "r",
+        json!({ "customer_id": "alice", "items": [{ "sku": "SKU-RARE", "quantity": 5 }] }),
+    )
+    .await;
+    assert_eq!(settled(&base, &failed).await["status"], "FAILED");
+    leak_reservation(dir.path(), &failed).await;
+    let found = tokio::task::spawn_blocking(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .find(|line| line.contains("Data inconsistency detected"))
+    });
+    let line = tokio::time::timeout(Duration::from_secs(30), found)
+        .await
+        .expect("reported within 30 s")
+        .expect("join")
+        .expect("a report line");
+    assert!(line.contains(&failed), "{line}");
     system.kill().expect("stop");
     system.wait().expect("reaped");
 }
