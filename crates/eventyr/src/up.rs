@@ -375,10 +375,26 @@ pub async fn start(
         .map_err(|e| {
             anyhow::anyhow!("cannot restart the sagas of pending orders: {}", e.message)
         })?;
+    // The order list: a projection of the order store into its own read model.
+    let read_models: Arc<dyn eventyr_store::readmodel::ReadModels> = Arc::new(
+        eventyr_store_sqlite::SqliteReadModels::open(dir.join("order-read"))?,
+    );
+    let (runner, _projections) = eventyr_cqrs::projections(
+        Arc::clone(&order_store),
+        Arc::clone(&read_models),
+        Arc::new(Upcasters::new()),
+        vec![Arc::new(order::read::OrdersView) as Arc<dyn eventyr_cqrs::Projection>],
+        eventyr_cqrs::RunnerOptions::default(),
+    );
+    let mut runner_stop = stop.clone();
+    tokio::spawn(runner.run(async move {
+        let _ = runner_stop.wait_for(|s| *s).await;
+    }));
     let public = order::api::router(order::api::Orders {
         orders,
         sagas: sagas.clone(),
         prices: prices(inv),
+        read_models,
     })
     .merge(inventory::api::public(inventory_state))
     .merge(payment::api::public(payment_state))

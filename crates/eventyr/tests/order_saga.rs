@@ -26,6 +26,7 @@ fn handler<A: Aggregate>() -> Arc<CommandHandler<A>> {
 }
 
 struct System {
+    _read_dir: tempfile::TempDir,
     public: String,
     orders: Arc<CommandHandler<order::domain::Order>>,
     order_store: Arc<dyn EventStore>,
@@ -194,16 +195,30 @@ async fn system() -> System {
         })
     };
     let ready: eventyr_http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+    let read_dir = tempfile::tempdir().expect("dir");
+    let read_models: Arc<dyn eventyr_store::readmodel::ReadModels> = Arc::new(
+        eventyr_store_sqlite::SqliteReadModels::open(read_dir.path()).expect("read models"),
+    );
+    let (runner, _) = eventyr_cqrs::projections(
+        Arc::clone(&order_store),
+        Arc::clone(&read_models),
+        Arc::new(Upcasters::new()),
+        vec![Arc::new(order::read::OrdersView) as Arc<dyn eventyr_cqrs::Projection>],
+        eventyr_cqrs::RunnerOptions::default(),
+    );
+    tokio::spawn(runner.run(futures::future::pending()));
     let public = serve(conventions(
         order::api::router(order::api::Orders {
             orders: Arc::clone(&orders),
             sagas: sagas.clone(),
             prices,
+            read_models,
         })
         .merge(eventyr_http::probes(ready, None)),
     ))
     .await;
     System {
+        _read_dir: read_dir,
         public,
         orders,
         order_store,
@@ -358,6 +373,43 @@ async fn the_demo_orders_reach_their_outcomes_across_the_services() {
             .await
             .0,
         404
+    );
+    contract.check_served(&s.public, &unknown).await;
+    // The order list (a projection, so eventually): alice's orders, newest first, in pages.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, page) = contract
+            .call(
+                &s.public,
+                "get",
+                "/api/orders?customer_id=alice&limit=1",
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+        let newest = &page["items"][0];
+        if newest["order_id"] == "orphan-1" && newest["status"] == "COMPLETED" {
+            // The page before the newest: the order of SKU-RARE, failed.
+            let cursor = page["next_cursor"].as_str().expect("more pages");
+            let next = format!("/api/orders?customer_id=alice&limit=1&cursor={cursor}");
+            let (_, older) = contract.call(&s.public, "get", &next, &[], None).await;
+            assert_eq!(older["items"][0]["status"], "FAILED", "{older}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the list never caught up: {page}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, failed) = contract
+        .call(&s.public, "get", "/api/orders?status=FAILED", &[], None)
+        .await;
+    assert_eq!(
+        failed["items"].as_array().map(Vec::len),
+        Some(2),
+        "SKU-RARE and bob: {failed}"
     );
 
     let (status, body) = s

@@ -37,13 +37,83 @@ pub struct Orders {
     pub orders: Arc<CommandHandler<Order>>,
     pub sagas: SagaHandle,
     pub prices: PriceOf,
+    /// The order list's read model (`read::OrdersView`).
+    pub read_models: Arc<dyn eventyr_store::readmodel::ReadModels>,
 }
 
 pub fn router(orders: Orders) -> Router {
     Router::new()
-        .route("/api/orders", axum::routing::post(place))
+        .route("/api/orders", axum::routing::post(place).get(list))
         .route("/api/orders/{order_id}", get(show))
         .with_state(orders)
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    customer_id: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// A page of orders, newest first, from the read model.
+async fn list(
+    State(orders): State<Orders>,
+    axum::extract::Query(query): axum::extract::Query<ListQuery>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    use eventyr_store::sql::SqlValue;
+    let mut conditions = Vec::new();
+    let mut params: Vec<SqlValue> = Vec::new();
+    if let Some(customer) = query.customer_id {
+        check(
+            "customer_id",
+            valid_customer_id(&customer),
+            CUSTOMER_ID_RULE,
+        )?;
+        params.push(customer.into());
+        conditions.push(format!("customer_id = ${}", params.len()));
+    }
+    if let Some(status) = query.status {
+        let known = ["PENDING", "COMPLETED", "FAILED", "CANCELLED"].contains(&status.as_str());
+        check("status", known, "PENDING, COMPLETED, FAILED or CANCELLED")?;
+        params.push(status.into());
+        conditions.push(format!("status = ${}", params.len()));
+    }
+    let limit = query.limit.unwrap_or(20);
+    check("limit", (1..=100).contains(&limit), "1 to 100")?;
+    let paged = eventyr_cqrs::PagedQuery {
+        projection: crate::read::ORDERS_VIEW.to_owned(),
+        select: "SELECT order_id, seq, customer_id, status, items, total_cents, points_used, \
+                 saga_id, failure_reason FROM orders"
+            .to_owned(),
+        filter: (!conditions.is_empty()).then(|| (conditions.join(" AND "), params)),
+        key: "seq".to_owned(),
+        limit,
+        cursor: query.cursor,
+    };
+    let page = eventyr_cqrs::fetch_page(&*orders.read_models, paged, |row| {
+        let text = |name: &str| row.text(name).unwrap_or_default().to_owned();
+        Ok(json!({
+            "order_id": text("order_id"),
+            "customer_id": text("customer_id"),
+            "status": text("status"),
+            "items": serde_json::from_str::<serde_json::Value>(&text("items")).unwrap_or_default(),
+            "total_cents": row.int("total_cents").unwrap_or(0),
+            "points_used": row.int("points_used").unwrap_or(0),
+            "saga_id": text("saga_id"),
+            "failure_reason": row.text("failure_reason"),
+        }))
+    })
+    .await
+    .map_err(|e| match e {
+        eventyr_cqrs::QueryError::InvalidCursor => {
+            ApiError::invalid(vec![FieldError::new("cursor", "a cursor from next_cursor")])
+        }
+        other => ApiError::unavailable(other.to_string()),
+    })?;
+    Ok(axum::Json(
+        json!({ "items": page.items, "next_cursor": page.next_cursor }),
+    ))
 }
 
 fn failure(error: CommandError<OrderError>) -> ApiError {

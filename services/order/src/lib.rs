@@ -3,8 +3,10 @@
 //!
 //! - [`domain`]: the `Order` aggregate, pure.
 //! - [`saga`]: the order saga's definition, pure.
+//! - [`read`]: the order list's projection.
 //! - [`api`]: the HTTP API of `contracts/order.yaml`, and the service's own saga steps.
 
 pub mod api;
 pub mod domain;
+pub mod read;
 pub mod saga;
