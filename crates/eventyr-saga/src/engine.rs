@@ -931,15 +931,6 @@ impl Saga {
                     flagged,
                     ..
                 } => {
-                    let waiting = self
-                        .shared
-                        .waiters
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&self.state.id);
-                    for waiter in waiting.into_iter().flatten() {
-                        let _ = waiter.send(*status);
-                    }
                     let labels = [
                         (names::LABEL_SAGA_TYPE, saga_type.clone()),
                         (names::LABEL_STATUS, status.as_str().to_owned()),
@@ -951,6 +942,16 @@ impl Saga {
                         tracing::error!(saga = %self.state.id, reason = ?reason, "saga FAILED: flagged for manual intervention");
                     } else {
                         tracing::info!(saga = %self.state.id, status = status.as_str(), "saga finished");
+                    }
+                    // After the metrics, so that a waiter sees them.
+                    let waiting = self
+                        .shared
+                        .waiters
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&self.state.id);
+                    for waiter in waiting.into_iter().flatten() {
+                        let _ = waiter.send(*status);
                     }
                 }
                 _ => {}

@@ -82,7 +82,13 @@ async fn sagas_and_steps_are_measured_with_bounded_labels() {
         SagaStatus::Failed
     );
 
-    let text = metrics.render();
+    // The log is written before the metrics: wait for the last of them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut text = metrics.render();
+    while !text.contains(r#"status="FAILED"} 1"#) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        text = metrics.render();
+    }
     for line in [
         r#"eventyr_saga_started_total{saga_type="trip"} 2"#,
         r#"eventyr_saga_finished_total{saga_type="trip",status="COMPLETED"} 1"#,
