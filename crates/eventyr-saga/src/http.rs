@@ -78,14 +78,18 @@ enum Circuit {
     Open {
         until: std::time::Instant,
     },
-    /// One trial call is out.
-    HalfOpen,
+    /// One trial call is out (since then); if its answer never comes (its saga ended
+    /// and dropped it), another trial goes after `open_for`.
+    HalfOpen {
+        since: std::time::Instant,
+    },
 }
 
 #[derive(Debug)]
 struct Guard {
     circuit: std::sync::Mutex<Circuit>,
     bulkhead: Arc<tokio::sync::Semaphore>,
+    open_for: Duration,
 }
 
 impl Guard {
@@ -95,6 +99,7 @@ impl Guard {
             bulkhead: Arc::new(tokio::sync::Semaphore::new(
                 resilience.concurrent_max.max(1),
             )),
+            open_for: resilience.open_for,
         }
     }
 
@@ -110,10 +115,18 @@ impl Guard {
         match *circuit {
             Circuit::Closed { .. } => true,
             Circuit::Open { until } if std::time::Instant::now() >= until => {
-                *circuit = Circuit::HalfOpen;
+                *circuit = Circuit::HalfOpen {
+                    since: std::time::Instant::now(),
+                };
                 true
             }
-            Circuit::Open { .. } | Circuit::HalfOpen => false,
+            Circuit::HalfOpen { since } if since.elapsed() >= self.open_for => {
+                *circuit = Circuit::HalfOpen {
+                    since: std::time::Instant::now(),
+                };
+                true
+            }
+            Circuit::Open { .. } | Circuit::HalfOpen { .. } => false,
         }
     }
 
@@ -123,7 +136,7 @@ impl Guard {
         let failures = match (&*circuit, transient_failure) {
             (_, false) => 0,
             (Circuit::Closed { failures }, true) => failures + 1,
-            (Circuit::HalfOpen | Circuit::Open { .. }, true) => resilience.failures_to_open,
+            (Circuit::HalfOpen { .. } | Circuit::Open { .. }, true) => resilience.failures_to_open,
         };
         *circuit = if failures >= resilience.failures_to_open.max(1) {
             Circuit::Open {
