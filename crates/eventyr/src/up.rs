@@ -240,8 +240,11 @@ pub async fn start(
     seed(&items, &credit, &point_accounts).await?;
 
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    // One recorder for the process; every listener serves it on /metrics. (A second
+    // start in the same process keeps the first recorder.)
+    let metrics = eventyr_telemetry::install_prometheus().ok();
     let with_probes = |router: Router, store: &Arc<dyn EventStore>| {
-        conventions(router.merge(probes(ready(store), None)))
+        conventions(router.merge(probes(ready(store), metrics.clone())))
     };
     let inventory_state = inventory::api::Inventory {
         items,

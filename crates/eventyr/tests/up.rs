@@ -121,6 +121,16 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
     assert_eq!(settled(&base, &bob).await["status"], "FAILED");
     let (_, points) = testing::get(&format!("{base}/api/customers/alice/points")).await;
     assert_eq!(points["balance"], 490);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"eventyr_saga_finished_total{saga_type="order",status="COMPLETED"}"#),
+        "{metrics}"
+    );
 
     // Orders under way when the process dies: shipping answers slowly.
     let slow = reqwest::Client::new()
