@@ -15,7 +15,7 @@ pub mod testing;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -269,30 +269,35 @@ impl Validate for FaultSettings {
 }
 
 /// The knobs in effect, shared by a service's routes; cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Faults {
-    settings: Arc<RwLock<FaultSettings>>,
+    settings: Arc<tokio::sync::watch::Sender<FaultSettings>>,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self::new(FaultSettings::default())
+    }
 }
 
 impl Faults {
     pub fn new(settings: FaultSettings) -> Self {
         Self {
-            settings: Arc::new(RwLock::new(settings)),
+            settings: Arc::new(tokio::sync::watch::Sender::new(settings)),
         }
     }
 
     pub fn get(&self) -> FaultSettings {
-        *self
-            .settings
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self.settings.borrow()
     }
 
     pub fn set(&self, settings: FaultSettings) {
-        *self
-            .settings
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = settings;
+        self.settings.send_replace(settings);
+    }
+
+    /// Follows the knobs (the wiring closes a service's listener while it is "down").
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<FaultSettings> {
+        self.settings.subscribe()
     }
 
     /// `GET` and `PUT /admin/faults`.

@@ -4,6 +4,7 @@
 //! (PLAN.md) on `--listen`. Seeds the demo data on first start; Ctrl-C stops it; the
 //! next start resumes where it stopped (the engine recovers unfinished sagas).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -239,7 +240,6 @@ pub async fn start(
     let point_accounts = handler(&points_store);
     seed(&items, &credit, &point_accounts).await?;
 
-    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
     // One recorder for the process; every listener serves it on /metrics. (A second
     // start in the same process keeps the first recorder.)
     let metrics = eventyr_telemetry::install_prometheus().ok();
@@ -268,45 +268,52 @@ pub async fn start(
         store: Arc::clone(&notification_store),
         faults: Faults::default(),
     };
-    let inv = serve(
-        loopback,
+    let inv = serve_service(
         with_probes(
             inventory::api::router(inventory_state.clone()),
             &inventory_store,
         ),
+        &inventory_state.faults,
         stop.clone(),
     )
     .await?;
-    let pay = serve(
-        loopback,
+    let pay = serve_service(
         with_probes(payment::api::router(payment_state.clone()), &payment_store),
+        &payment_state.faults,
         stop.clone(),
     )
     .await?;
-    let pts = serve(
-        loopback,
+    let pts = serve_service(
         with_probes(points::api::router(points_state.clone()), &points_store),
+        &points_state.faults,
         stop.clone(),
     )
     .await?;
-    let ship = serve(
-        loopback,
+    let ship = serve_service(
         with_probes(
             shipping::api::router(shipping_state.clone()),
             &shipping_store,
         ),
+        &shipping_state.faults,
         stop.clone(),
     )
     .await?;
-    let note = serve(
-        loopback,
+    let note = serve_service(
         with_probes(
             notification::api::router(notification_state.clone()),
             &notification_store,
         ),
+        &notification_state.faults,
         stop.clone(),
     )
     .await?;
+    let knobs: Arc<HashMap<&'static str, Faults>> = Arc::new(HashMap::from([
+        ("inventory", inventory_state.faults.clone()),
+        ("payment", payment_state.faults.clone()),
+        ("points", points_state.faults.clone()),
+        ("shipping", shipping_state.faults.clone()),
+        ("notification", notification_state.faults.clone()),
+    ]));
 
     let remote = HttpParticipants::new(Arc::new(SystemClock))?
         .step(
@@ -404,7 +411,8 @@ pub async fn start(
     .merge(points::api::public(points_state))
     .merge(shipping::api::public(shipping_state))
     .merge(notification::api::public(notification_state))
-    .merge(eventyr_saga::admin_router(sagas));
+    .merge(eventyr_saga::admin_router(sagas))
+    .merge(faults_router(knobs));
     let public = serve(listen, with_probes(public, &order_store), stop).await?;
     Ok(Addresses {
         public,
@@ -479,4 +487,83 @@ async fn reconcile_every(config: Config, period: Duration, mut stop: watch::Rece
             Err(error) => eprintln!("error: the reconciliation failed: {error:#}"),
         }
     }
+}
+
+/// Serves a service on a loopback port of its own. While its `down` knob is set, the
+/// listener is closed (connections are refused), then opened again on the same port.
+async fn serve_service(
+    router: Router,
+    faults: &Faults,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("cannot listen on 127.0.0.1")?;
+    let address = listener.local_addr()?;
+    let mut knobs = faults.watch();
+    tokio::spawn(async move {
+        let mut stop = stop;
+        let mut listener = Some(listener);
+        loop {
+            let current = match listener.take() {
+                Some(listener) => listener,
+                None => match tokio::net::TcpListener::bind(address).await {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        eprintln!("error: cannot listen on {address} again: {error}");
+                        return;
+                    }
+                },
+            };
+            let (mut stopping, mut going_down) = (stop.clone(), knobs.clone());
+            let closing = async move {
+                tokio::select! {
+                    _ = stopping.wait_for(|s| *s) => {}
+                    _ = going_down.wait_for(|f| f.down) => {}
+                }
+            };
+            if let Err(error) = axum::serve(current, router.clone())
+                .with_graceful_shutdown(closing)
+                .await
+            {
+                eprintln!("error: a listener failed: {error}");
+            }
+            // Down (or stopping): wait until it is up again.
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                _ = knobs.wait_for(|f| !f.down) => {}
+            }
+        }
+    });
+    Ok(address)
+}
+
+/// `GET|PUT /admin/faults/{service}` on the public API: the demonstration knobs of
+/// each participant (its own listener may be down).
+fn faults_router(knobs: Arc<HashMap<&'static str, Faults>>) -> Router {
+    use axum::extract::{Path as UrlPath, State};
+    use eventyr_http::{ApiError, FaultSettings, Input};
+    async fn get(
+        State(knobs): State<Arc<HashMap<&'static str, Faults>>>,
+        UrlPath(service): UrlPath<String>,
+    ) -> Result<axum::Json<FaultSettings>, ApiError> {
+        let faults = knobs
+            .get(service.as_str())
+            .ok_or_else(|| ApiError::not_found(format!("no service {service}")))?;
+        Ok(axum::Json(faults.get()))
+    }
+    async fn put(
+        State(knobs): State<Arc<HashMap<&'static str, Faults>>>,
+        UrlPath(service): UrlPath<String>,
+        Input(settings): Input<FaultSettings>,
+    ) -> Result<axum::Json<FaultSettings>, ApiError> {
+        let faults = knobs
+            .get(service.as_str())
+            .ok_or_else(|| ApiError::not_found(format!("no service {service}")))?;
+        faults.set(settings);
+        Ok(axum::Json(faults.get()))
+    }
+    Router::new()
+        .route("/admin/faults/{service}", axum::routing::get(get).put(put))
+        .with_state(knobs)
 }

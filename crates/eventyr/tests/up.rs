@@ -268,3 +268,59 @@ async fn the_periodic_reconciliation_reports_an_inconsistency() {
     system.kill().expect("stop");
     system.wait().expect("reaped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_is_down_refuses_connections_and_the_saga_waits_for_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut system, base, shipping) = up(dir.path());
+    let client = reqwest::Client::new();
+    let down = |down: bool| {
+        client
+            .put(format!("{base}/admin/faults/shipping"))
+            .json(&json!({ "down": down }))
+            .send()
+    };
+    assert_eq!(down(true).await.expect("set").status(), 200);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reqwest::get(format!("{shipping}/health/live"))
+        .await
+        .is_ok()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let order = place(
+        &base,
+        "d",
+        json!({ "customer_id": "alice", "items": [{ "sku": "SKU-3", "quantity": 1 }] }),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, saga) = testing::get(&format!("{base}/admin/sagas/{order}")).await;
+        let refused = saga["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["event"]["type"] == "StepFailed" && e["event"]["step"] == "shipping");
+        if refused {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "shipping was never tried: {saga}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(down(false).await.expect("set").status(), 200);
+    assert_eq!(
+        settled(&base, &order).await["status"],
+        "COMPLETED",
+        "retried once it was up"
+    );
+    system.kill().expect("stop");
+    system.wait().expect("reaped");
+}
