@@ -30,7 +30,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::stats::{latency_histogram, median, millis, record};
+use super::stats::{closed_loop, latency_histogram, median, millis, record};
 use crate::cli::CqrsBenchArgs;
 use crate::config::Config;
 use crate::stores;
@@ -230,36 +230,19 @@ async fn raw_appends(
     store: &Arc<dyn EventStore>,
     args: &CqrsBenchArgs,
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
-    let deadline = Instant::now() + args.duration;
-    let started = Instant::now();
-    let writers: Vec<_> = (0..args.clients)
-        .map(|w| {
-            let store = Arc::clone(store);
-            let aggregates = args.aggregates;
-            tokio::spawn(async move {
-                let mut rng = fastrand::Rng::with_seed(w as u64);
-                let mut latency = latency_histogram();
-                while Instant::now() < deadline {
-                    let stream = StreamId::new(format!("counter-{}", rng.u64(..aggregates)))?;
-                    let event = NewEvent::json("Incremented", &serde_json::json!({ "count": 1 }))?;
-                    let begun = Instant::now();
-                    store
-                        .append(StreamAppend::new(stream, ExpectedVersion::Any, vec![event]))
-                        .await?;
-                    record(&mut latency, begun.elapsed());
-                }
-                anyhow::Ok(latency)
-            })
-        })
-        .collect();
-    let mut latency = latency_histogram();
-    for writer in writers {
-        latency.add(writer.await??).context("histogram")?;
-    }
-    Ok((
-        latency.len() as f64 / started.elapsed().as_secs_f64(),
-        latency,
-    ))
+    let (store, aggregates) = (Arc::clone(store), args.aggregates);
+    closed_loop(args.clients, args.duration, move |_, _, random| {
+        let store = Arc::clone(&store);
+        async move {
+            let stream = StreamId::new(format!("counter-{}", random % aggregates))?;
+            let event = NewEvent::json("Incremented", &serde_json::json!({ "count": 1 }))?;
+            store
+                .append(StreamAppend::new(stream, ExpectedVersion::Any, vec![event]))
+                .await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Clients executing commands on random aggregates: closed loop, or paced to

@@ -16,7 +16,6 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use anyhow::Context;
 use eventyr_core::{NewEvent, StreamId, SystemClock};
@@ -30,7 +29,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::stats::{latency_histogram, median, millis, record};
+use super::stats::{closed_loop, median, millis};
 use crate::cli::SagaBenchArgs;
 use crate::config::Config;
 use crate::stores;
@@ -167,78 +166,41 @@ fn participants() -> InProcess {
 }
 
 async fn sagas(handle: &SagaHandle, args: &SagaBenchArgs) -> anyhow::Result<(f64, Histogram<u64>)> {
-    let deadline = Instant::now() + args.duration;
-    let started = Instant::now();
-    let clients: Vec<_> = (0..args.concurrency)
-        .map(|c| {
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                let mut latency = latency_histogram();
-                let mut n = 0u64;
-                while Instant::now() < deadline {
-                    let begun = Instant::now();
-                    let data = serde_json::json!({ "client": c, "n": n });
-                    let id = handle.start("bench", data, None).await?;
-                    let status = handle.wait(&id).await?;
-                    anyhow::ensure!(
-                        status == SagaStatus::Completed,
-                        "saga {id} ended {status:?}"
-                    );
-                    record(&mut latency, begun.elapsed());
-                    n += 1;
-                }
-                anyhow::Ok(latency)
-            })
-        })
-        .collect();
-    let mut latency = latency_histogram();
-    for client in clients {
-        latency.add(client.await??).context("histogram")?;
-    }
-    Ok((
-        latency.len() as f64 / started.elapsed().as_secs_f64(),
-        latency,
-    ))
+    let handle = handle.clone();
+    closed_loop(args.concurrency, args.duration, move |client, n, _| {
+        let handle = handle.clone();
+        async move {
+            let data = serde_json::json!({ "client": client, "n": n });
+            let id = handle.start("bench", data, None).await?;
+            let status = handle.wait(&id).await?;
+            anyhow::ensure!(
+                status == SagaStatus::Completed,
+                "saga {id} ended {status:?}"
+            );
+            Ok(())
+        }
+    })
+    .await
 }
 
+/// Closed-loop writers, each appending 2-event batches to its own stream.
 async fn raw_appends(
     store: &Arc<dyn EventStore>,
     args: &SagaBenchArgs,
 ) -> anyhow::Result<(f64, Histogram<u64>)> {
-    let deadline = Instant::now() + args.duration;
-    let started = Instant::now();
-    let writers: Vec<_> = (0..args.concurrency)
-        .map(|w| {
-            let store = Arc::clone(store);
-            tokio::spawn(async move {
-                let mut latency = latency_histogram();
-                let stream = StreamId::new(format!("writer-{w}"))?;
-                while Instant::now() < deadline {
-                    let events = (0..2)
-                        .map(|_| {
-                            NewEvent::json("StepSucceeded", &serde_json::json!({ "step": "x" }))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let begun = Instant::now();
-                    store
-                        .append(StreamAppend::new(
-                            stream.clone(),
-                            ExpectedVersion::Any,
-                            events,
-                        ))
-                        .await?;
-                    record(&mut latency, begun.elapsed());
-                }
-                anyhow::Ok(latency)
-            })
-        })
-        .collect();
-    let mut latency = latency_histogram();
-    for writer in writers {
-        latency.add(writer.await??).context("histogram")?;
-    }
-    Ok((
-        latency.len() as f64 / started.elapsed().as_secs_f64(),
-        latency,
-    ))
+    let store = Arc::clone(store);
+    closed_loop(args.concurrency, args.duration, move |writer, _, _| {
+        let store = Arc::clone(&store);
+        async move {
+            let stream = StreamId::new(format!("writer-{writer}"))?;
+            let events = (0..2)
+                .map(|_| NewEvent::json("StepSucceeded", &serde_json::json!({ "step": "x" })))
+                .collect::<Result<Vec<_>, _>>()?;
+            store
+                .append(StreamAppend::new(stream, ExpectedVersion::Any, events))
+                .await?;
+            Ok(())
+        }
+    })
+    .await
 }

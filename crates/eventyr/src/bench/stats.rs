@@ -33,6 +33,50 @@ pub fn median(values: &mut [f64]) -> f64 {
     }
 }
 
+/// Runs `clients` closed-loop clients until `duration` has passed: each calls
+/// `op(client, n, random)` for its `n`-th operation, again and again (a client waits for
+/// its operation before the next). Returns the completed operations per second and
+/// their latencies.
+pub async fn closed_loop<F, Fut>(
+    clients: usize,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(f64, Histogram<u64>)>
+where
+    F: Fn(usize, u64, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let started = std::time::Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|client| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut rng = fastrand::Rng::with_seed(client as u64);
+                let mut latency = latency_histogram();
+                let mut n = 0;
+                while std::time::Instant::now() < deadline {
+                    let begun = std::time::Instant::now();
+                    op(client, n, rng.u64(..)).await?;
+                    record(&mut latency, begun.elapsed());
+                    n += 1;
+                }
+                anyhow::Ok(latency)
+            })
+        })
+        .collect();
+    let mut latency = latency_histogram();
+    for task in tasks {
+        latency
+            .add(task.await??)
+            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+    }
+    Ok((
+        latency.len() as f64 / started.elapsed().as_secs_f64(),
+        latency,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
