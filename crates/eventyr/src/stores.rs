@@ -52,34 +52,34 @@ pub const INBOX_DIR: &str = "inbox";
 /// Opens the consumers' databases (inboxes, dead letters): durable read models of the
 /// configured backend.
 pub async fn open_inboxes(config: &Config) -> anyhow::Result<Arc<dyn ReadModels>> {
-    match config.store.backend {
-        StoreKind::Sqlite => {
-            let dir = config.data_dir.join(INBOX_DIR);
-            let models = SqliteReadModels::open_durable(&dir)
-                .with_context(|| format!("cannot open the inboxes in {}", dir.display()))?;
-            Ok(Arc::new(models))
-        }
-        StoreKind::Postgres => {
-            let url = config
-                .store
-                .database_url
-                .as_deref()
-                .context("the postgres inboxes need a database URL")?;
-            let models = PostgresReadModels::connect(url, &config.store.inbox_catalog)
-                .await
-                .context("cannot open the postgres inboxes")?;
-            Ok(Arc::new(models))
-        }
-    }
+    let catalog = &config.store.inbox_catalog;
+    open_models(config, INBOX_DIR, true, catalog, "inboxes").await
 }
 
 /// Opens the read models of the configured backend.
 pub async fn open_read_models(config: &Config) -> anyhow::Result<Arc<dyn ReadModels>> {
+    let catalog = &config.store.read_catalog;
+    open_models(config, READ_MODELS_DIR, false, catalog, "read models").await
+}
+
+/// Read models under `<data-dir>/<dir>` (SQLite; flushed on every commit when
+/// `durable`) or in the PostgreSQL schema `catalog`.
+async fn open_models(
+    config: &Config,
+    dir: &str,
+    durable: bool,
+    catalog: &str,
+    what: &str,
+) -> anyhow::Result<Arc<dyn ReadModels>> {
     match config.store.backend {
         StoreKind::Sqlite => {
-            let dir = config.data_dir.join(READ_MODELS_DIR);
-            let models = SqliteReadModels::open(&dir)
-                .with_context(|| format!("cannot open the read models in {}", dir.display()))?;
+            let dir = config.data_dir.join(dir);
+            let models = if durable {
+                SqliteReadModels::open_durable(&dir)
+            } else {
+                SqliteReadModels::open(&dir)
+            }
+            .with_context(|| format!("cannot open the {what} in {}", dir.display()))?;
             Ok(Arc::new(models))
         }
         StoreKind::Postgres => {
@@ -87,10 +87,10 @@ pub async fn open_read_models(config: &Config) -> anyhow::Result<Arc<dyn ReadMod
                 .store
                 .database_url
                 .as_deref()
-                .context("the postgres read models need a database URL")?;
-            let models = PostgresReadModels::connect(url, &config.store.read_catalog)
+                .with_context(|| format!("the postgres {what} need a database URL"))?;
+            let models = PostgresReadModels::connect(url, catalog)
                 .await
-                .context("cannot open the postgres read models")?;
+                .with_context(|| format!("cannot open the postgres {what}"))?;
             Ok(Arc::new(models))
         }
     }

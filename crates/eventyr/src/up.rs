@@ -24,10 +24,11 @@ use crate::cli::UpArgs;
 use crate::config::Config;
 use crate::stores;
 
-/// The running system's addresses.
+/// The running system: its addresses, and its tasks (which end after the stop).
 pub struct Addresses {
     pub public: SocketAddr,
     pub services: Vec<(&'static str, SocketAddr)>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 fn handler<A: Aggregate>(store: &Arc<dyn EventStore>) -> Arc<CommandHandler<A>> {
@@ -43,12 +44,13 @@ async fn serve(
     address: SocketAddr,
     router: Router,
     mut stop: watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     let bound = listener.local_addr()?;
-    tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
@@ -58,7 +60,7 @@ async fn serve(
         {
             eprintln!("error: a listener failed: {error}");
         }
-    });
+    }));
     Ok(bound)
 }
 
@@ -230,6 +232,7 @@ pub async fn start(
 ) -> anyhow::Result<Addresses> {
     let dir = data_dir.join("services");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tasks = Vec::new();
     let open = |name: &str| stores::open_sqlite(&dir.join(format!("{name}.db")), config);
     let (inventory_store, payment_store, points_store) =
         (open("inventory")?, open("payment")?, open("points")?);
@@ -275,18 +278,21 @@ pub async fn start(
         ),
         &inventory_state.faults,
         stop.clone(),
+        &mut tasks,
     )
     .await?;
     let pay = serve_service(
         with_probes(payment::api::router(payment_state.clone()), &payment_store),
         &payment_state.faults,
         stop.clone(),
+        &mut tasks,
     )
     .await?;
     let pts = serve_service(
         with_probes(points::api::router(points_state.clone()), &points_store),
         &points_state.faults,
         stop.clone(),
+        &mut tasks,
     )
     .await?;
     let ship = serve_service(
@@ -296,6 +302,7 @@ pub async fn start(
         ),
         &shipping_state.faults,
         stop.clone(),
+        &mut tasks,
     )
     .await?;
     let note = serve_service(
@@ -305,6 +312,7 @@ pub async fn start(
         ),
         &notification_state.faults,
         stop.clone(),
+        &mut tasks,
     )
     .await?;
     let knobs: Arc<HashMap<&'static str, Faults>> = Arc::new(HashMap::from([
@@ -370,14 +378,14 @@ pub async fn start(
     .register(order::saga::definition(order::saga::Timeouts::default()));
     let sagas = engine.handle();
     let mut engine_stop = stop.clone();
-    tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let stopped = async move {
             let _ = engine_stop.wait_for(|s| *s).await;
         };
         if let Err(error) = engine.run(stopped).await {
             eprintln!("error: the saga engine stopped: {error}");
         }
-    });
+    }));
 
     // Orders placed whose saga never started (the process died in between).
     order::api::restart_sagas(&orders, &order_store, &sagas)
@@ -397,9 +405,9 @@ pub async fn start(
         eventyr_cqrs::RunnerOptions::default(),
     );
     let mut runner_stop = stop.clone();
-    tokio::spawn(runner.run(async move {
+    tasks.push(tokio::spawn(runner.run(async move {
         let _ = runner_stop.wait_for(|s| *s).await;
-    }));
+    })));
     let public = order::api::router(order::api::Orders {
         orders,
         sagas: sagas.clone(),
@@ -413,7 +421,7 @@ pub async fn start(
     .merge(notification::api::public(notification_state))
     .merge(eventyr_saga::admin_router(sagas))
     .merge(faults_router(knobs));
-    let public = serve(listen, with_probes(public, &order_store), stop).await?;
+    let public = serve(listen, with_probes(public, &order_store), stop, &mut tasks).await?;
     Ok(Addresses {
         public,
         services: vec![
@@ -423,6 +431,7 @@ pub async fn start(
             ("shipping", ship),
             ("notification", note),
         ],
+        tasks,
     })
 }
 
@@ -456,8 +465,14 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
         .context("cannot wait for Ctrl-C")?;
     println!("stopping");
     let _ = stop.send(true);
-    // Let the listeners finish their requests.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The listeners finish the requests under way; the engine and projection stop.
+    let finished = futures::future::join_all(addresses.tasks);
+    if tokio::time::timeout(Duration::from_secs(30), finished)
+        .await
+        .is_err()
+    {
+        eprintln!("error: some components did not stop within 30 s");
+    }
     Ok(())
 }
 
@@ -495,13 +510,14 @@ async fn serve_service(
     router: Router,
     faults: &Faults,
     stop: watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .context("cannot listen on 127.0.0.1")?;
     let address = listener.local_addr()?;
     let mut knobs = faults.watch();
-    tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         let mut stop = stop;
         let mut listener = Some(listener);
         loop {
@@ -534,7 +550,7 @@ async fn serve_service(
                 _ = knobs.wait_for(|f| !f.down) => {}
             }
         }
-    });
+    }));
     Ok(address)
 }
 
