@@ -99,6 +99,9 @@ pub struct Flow {
     pub correlation_field: String,
     /// A flow not finished this long after its first event is stuck.
     pub deadline: Duration,
+    /// The saga type of a [`crate::chain::Chain`] whose events mark the steps (the step
+    /// is in their data), besides `marks`.
+    pub chain: Option<String>,
 }
 
 impl Flow {
@@ -113,6 +116,7 @@ impl Flow {
             marks: HashMap::new(),
             correlation_field: correlation_field.into(),
             deadline,
+            chain: None,
         }
     }
 
@@ -150,6 +154,23 @@ const TRACKER_SCHEMA: &str = "CREATE TABLE flow_steps (flow TEXT NOT NULL, corre
      step TEXT NOT NULL, mark TEXT NOT NULL, at BIGINT NOT NULL, event_id TEXT NOT NULL, \
      PRIMARY KEY (flow, correlation_id, step, mark))";
 
+impl TrackerHandler {
+    /// The step `message` marks, and how.
+    fn mark(&self, message: &Message) -> Result<Option<(String, Mark)>, HandlerError> {
+        let event_type = message.event.event_type.as_str();
+        if let (Some(saga_type), Some(mark)) = (&self.flow.chain, crate::chain::mark(event_type)) {
+            let event: crate::chain::ChainEvent = message
+                .event
+                .data
+                .decode()
+                .map_err(|e| HandlerError::Permanent(format!("not a chain event: {e}")))?;
+            return Ok((&event.saga_type == saga_type).then_some((event.step, mark)));
+        }
+        let key = (message.source.to_string(), event_type.to_owned());
+        Ok(self.flow.marks.get(&key).cloned())
+    }
+}
+
 #[async_trait]
 impl Handler for TrackerHandler {
     fn schema(&self) -> Vec<String> {
@@ -157,11 +178,7 @@ impl Handler for TrackerHandler {
     }
 
     async fn handle(&self, message: &Message) -> Result<Vec<SqlStatement>, HandlerError> {
-        let key = (
-            message.source.to_string(),
-            message.event.event_type.as_str().to_owned(),
-        );
-        let Some((step, mark)) = self.flow.marks.get(&key) else {
+        let Some((step, mark)) = self.mark(message)? else {
             return Ok(Vec::new());
         };
         let correlation = match &message.event.metadata.correlation_id {
@@ -192,7 +209,7 @@ impl Handler for TrackerHandler {
             )
             .bind(self.flow.name.clone())
             .bind(correlation)
-            .bind(step.clone())
+            .bind(step)
             .bind(mark.as_str())
             .bind(message.event.recorded_at.unix_micros())
             .bind(message.event.id.to_string()),
@@ -204,7 +221,8 @@ impl Handler for TrackerHandler {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FlowStatus {
     pub correlation_id: String,
-    /// COMPLETED, FAILED (a step failed; compensations may follow), IN_PROGRESS.
+    /// COMPLETED; FAILED (a step failed; compensations may follow); COMPENSATED (failed,
+    /// and the first step is undone: nothing is left to undo); IN_PROGRESS.
     pub status: &'static str,
     /// Each step's marks, with when they happened.
     pub steps: BTreeMap<String, Vec<(Mark, Timestamp)>>,
@@ -302,7 +320,14 @@ impl Tracker {
                 .get(step)
                 .is_some_and(|marks| marks.iter().any(|(m, _)| *m == Mark::Done))
         });
-        let status = if failed {
+        let first_undone = self.flow.steps.first().is_some_and(|step| {
+            steps
+                .get(step)
+                .is_some_and(|marks| marks.iter().any(|(m, _)| *m == Mark::Compensated))
+        });
+        let status = if failed && first_undone {
+            "COMPENSATED"
+        } else if failed {
             "FAILED"
         } else if complete {
             "COMPLETED"

@@ -188,6 +188,10 @@ pub enum DefinitionError {
     AfterPivot { step: String, pivot: String },
     #[error("step {0} needs at least one attempt and a non-zero timeout")]
     NoAttempt(String),
+    #[error("step {0} has no service in the chain")]
+    NoService(String),
+    #[error("the chain names step {0}, which the saga does not have")]
+    UnknownStep(String),
 }
 
 fn valid_name(name: &str) -> bool {

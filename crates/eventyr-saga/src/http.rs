@@ -23,12 +23,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use eventyr_core::Clock;
+use futures::FutureExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::engine::{EngineError, SagaHandle};
 use crate::machine::{self, Failure, SagaStatus, StepCall};
-use crate::participants::{Participants, Sent};
+use crate::participants::{Participants, Sent, StepHandler};
 use eventyr_telemetry::names;
 
 /// Where a step's action and compensation are.
@@ -264,20 +265,76 @@ impl HttpParticipants {
         };
         let status = response.status();
         let body = response.bytes().await.unwrap_or_default();
-        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        if status.is_success() {
-            return Sent::Replied(Ok(value));
-        }
-        let message = value.get("message").and_then(Value::as_str).map_or_else(
-            || String::from_utf8_lossy(&body).into_owned(),
-            str::to_owned,
-        );
-        let error = format!("POST {url}: {status}: {message}");
-        let transient = status.is_server_error()
-            || status == StatusCode::REQUEST_TIMEOUT
-            || status == StatusCode::TOO_MANY_REQUESTS;
-        Sent::Replied(Err(Failure { error, transient }))
+        Sent::Replied(outcome(url, status, &body))
     }
+}
+
+/// A step's answer: a 2xx is its result; 408, 429 and 5xx are transient failures; any
+/// other status a refusal.
+fn outcome(url: &str, status: StatusCode, body: &[u8]) -> Result<Value, Failure> {
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    if status.is_success() {
+        return Ok(value);
+    }
+    let message = value
+        .get("message")
+        .and_then(Value::as_str)
+        .map_or_else(|| String::from_utf8_lossy(body).into_owned(), str::to_owned);
+    let error = format!("POST {url}: {status}: {message}");
+    let transient = status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS;
+    Err(Failure { error, transient })
+}
+
+/// The answers a step may give, at most (a larger body is a transient failure).
+const ANSWER_MAX_BYTES: usize = 1 << 20;
+
+/// A step served by a service's own `router` in this process: the same request as
+/// [`HttpParticipants`] sends (`POST action` or `POST compensation`, templates filled,
+/// the same headers) and the same reading of the answer, without a socket. For a
+/// service that takes its steps from the bus ([`crate::CommandHandler`]) or reacts in
+/// a choreography ([`crate::choreography::Chain`]) with the handlers its HTTP API has.
+pub fn local_step(router: Router, action: &str, compensation: Option<&str>) -> StepHandler {
+    let (action, compensation) = (action.to_owned(), compensation.map(str::to_owned));
+    Arc::new(move |call: StepCall| {
+        let router = router.clone();
+        let template = if call.compensation {
+            compensation.clone()
+        } else {
+            Some(action.clone())
+        };
+        async move {
+            use tower::ServiceExt;
+            let Some(template) = template else {
+                return Err(Failure::permanent(format!(
+                    "step {} has no compensation here",
+                    call.step
+                )));
+            };
+            let url = fill(&template, &call);
+            let body = serde_json::to_vec(&call.body)
+                .map_err(|e| Failure::permanent(format!("the request is not JSON: {e}")))?;
+            let request = axum::http::Request::post(&url)
+                .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .header("Idempotency-Key", &call.idempotency_key)
+                .header("X-Eventyr-Saga", &call.saga_id)
+                .header("X-Eventyr-Step", &call.step)
+                .header("X-Eventyr-Attempt", call.attempt.to_string())
+                .body(axum::body::Body::from(body))
+                .map_err(|e| Failure::permanent(format!("POST {url}: {e}")))?;
+            let response = match router.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), ANSWER_MAX_BYTES)
+                .await
+                .map_err(|e| Failure::transient(format!("POST {url}: {e}")))?;
+            outcome(&url, status, &body)
+        }
+        .boxed()
+    })
 }
 
 /// Fills a URL template: `{saga_id}`, and `{field}` with the body's string (or

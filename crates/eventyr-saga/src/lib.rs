@@ -11,9 +11,14 @@
 //!   [`participants`] to reach the services.
 //! - [`simulation`]: the machine against simulated participants, network and crashes,
 //!   on a simulated clock from a seed, with the invariants checked.
+//! - [`bus`]: steps as commands and replies over the bus; [`http`]: steps as HTTP
+//!   calls (or in process through a service's router), and the admin API.
+//! - [`chain`]: the same definition run as a choreography, each service reacting to
+//!   its neighbours' events; [`choreography`]: reactions and the tracker of such flows.
 
 pub mod admin;
 pub mod bus;
+pub mod chain;
 pub mod choreography;
 pub mod definition;
 pub mod engine;
@@ -26,7 +31,7 @@ pub use admin::{Action, SagaAdmin};
 pub use bus::{BusParticipants, CommandHandler, ReplyHandler};
 pub use definition::{DefinitionError, SagaDefinition, Step, StepKind};
 pub use engine::{EngineError, EngineOptions, SagaEngine, SagaHandle, SagaSummary};
-pub use http::{HttpParticipants, admin_router};
+pub use http::{HttpParticipants, admin_router, local_step};
 pub use machine::{
     Effect, Failure, Input, SagaError, SagaEvent, SagaState, SagaStatus, StepCall, TimerKind,
 };

@@ -164,6 +164,19 @@ pub struct UpArgs {
     /// How often the reconciliation checks the cross-service invariants, e.g. 5m.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub reconcile_every: Duration,
+    /// How the sagas of new orders run (default: `saga.mode` in eventyr.toml, else
+    /// orchestrated). Orders under way finish the way they began.
+    #[arg(long, env = "EVENTYR_SAGA_MODE", value_enum)]
+    pub saga_mode: Option<SagaModeArg>,
+}
+
+/// `orchestrated` (the saga engine calls each service) or `choreographed` (each
+/// service reacts to the events of the one before).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaModeArg {
+    Orchestrated,
+    Choreographed,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use eventyr_core::Limits;
 use serde::Deserialize;
 
-use crate::cli::{GlobalArgs, StoreKind};
+use crate::cli::{GlobalArgs, SagaModeArg, StoreKind};
 
 /// The file read when `--config` is not given, if it exists.
 const DEFAULT_FILE: &str = "eventyr.toml";
@@ -18,6 +18,8 @@ const DEFAULT_FILE: &str = "eventyr.toml";
 pub struct Config {
     pub data_dir: PathBuf,
     pub store: StoreConfig,
+    /// `saga.mode`: how `eventyr up` runs the sagas of new orders, unless its flag says.
+    pub saga_mode: Option<SagaModeArg>,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +41,14 @@ struct File {
     data_dir: Option<PathBuf>,
     #[serde(default)]
     store: FileStore,
+    #[serde(default)]
+    saga: FileSaga,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSaga {
+    mode: Option<SagaModeArg>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +103,7 @@ impl Config {
                     .unwrap_or_else(|| "eventyr_inbox".into()),
                 limits,
             },
+            saga_mode: file.saga.mode,
         })
     }
 }

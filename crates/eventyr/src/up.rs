@@ -12,15 +12,25 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
+use eventyr_bus::{
+    Consumer, ConsumerName, ConsumerOptions, Handler, HandlerError, InProcBus, Message,
+    PublicEvents, ServiceName,
+};
 use eventyr_core::{SystemClock, Timestamp};
 use eventyr_cqrs::{Aggregate, Command, CommandHandler, DomainEvent, HandlerOptions, Upcasters};
 use eventyr_http::{Faults, ReadyCheck, conventions, probes};
-use eventyr_saga::{EngineOptions, HttpParticipants, InProcess, Routed, SagaEngine};
+use eventyr_saga::choreography::{FlowStatus, Tracker, TrackerHandler};
+use eventyr_saga::{
+    BusParticipants, CommandHandler as BusCommands, EngineOptions, HttpParticipants, InProcess,
+    Participants, ReplyHandler, Routed, SagaEngine, StepHandler,
+};
+use eventyr_store::readmodel::ReadModels;
 use eventyr_store::{EventStore, Filter, ReadAll};
 use futures::FutureExt;
+use order::domain::SagaMode;
 use tokio::sync::watch;
 
-use crate::cli::UpArgs;
+use crate::cli::{SagaModeArg, UpArgs};
 use crate::config::Config;
 use crate::stores;
 
@@ -228,6 +238,7 @@ pub async fn start(
     data_dir: &Path,
     listen: SocketAddr,
     config: &Config,
+    mode: SagaMode,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Addresses> {
     let dir = data_dir.join("services");
@@ -271,112 +282,210 @@ pub async fn start(
         store: Arc::clone(&notification_store),
         faults: Faults::default(),
     };
-    let inv = serve_service(
-        with_probes(
-            inventory::api::router(inventory_state.clone()),
-            &inventory_store,
-        ),
-        &inventory_state.faults,
-        stop.clone(),
-        &mut tasks,
-    )
-    .await?;
-    let pay = serve_service(
-        with_probes(payment::api::router(payment_state.clone()), &payment_store),
-        &payment_state.faults,
-        stop.clone(),
-        &mut tasks,
-    )
-    .await?;
-    let pts = serve_service(
-        with_probes(points::api::router(points_state.clone()), &points_store),
-        &points_state.faults,
-        stop.clone(),
-        &mut tasks,
-    )
-    .await?;
-    let ship = serve_service(
-        with_probes(
-            shipping::api::router(shipping_state.clone()),
-            &shipping_store,
-        ),
-        &shipping_state.faults,
-        stop.clone(),
-        &mut tasks,
-    )
-    .await?;
-    let note = serve_service(
-        with_probes(
-            notification::api::router(notification_state.clone()),
-            &notification_store,
-        ),
-        &notification_state.faults,
-        stop.clone(),
-        &mut tasks,
-    )
-    .await?;
-    let knobs: Arc<HashMap<&'static str, Faults>> = Arc::new(HashMap::from([
-        ("inventory", inventory_state.faults.clone()),
-        ("payment", payment_state.faults.clone()),
-        ("points", points_state.faults.clone()),
-        ("shipping", shipping_state.faults.clone()),
-        ("notification", notification_state.faults.clone()),
-    ]));
-
-    let remote = HttpParticipants::new(Arc::new(SystemClock))?
-        .step(
+    let participants = [
+        (
             "inventory",
-            format!("http://{inv}/internal/reservations"),
-            Some(format!(
-                "http://{inv}/internal/reservations/{{saga_id}}/release"
-            )),
-        )
-        .step(
-            "confirm",
-            format!("http://{inv}/internal/reservations/{{saga_id}}/confirm"),
-            None,
-        )
-        .step(
+            &inventory_store,
+            inventory::api::router(inventory_state.clone()),
+            &inventory_state.faults,
+        ),
+        (
             "payment",
-            format!("http://{pay}/internal/payments"),
-            Some(format!("http://{pay}/internal/payments/{{saga_id}}/refund")),
-        )
-        .step(
+            &payment_store,
+            payment::api::router(payment_state.clone()),
+            &payment_state.faults,
+        ),
+        (
             "points",
-            format!("http://{pts}/internal/points/deductions"),
-            Some(format!(
-                "http://{pts}/internal/points/deductions/{{saga_id}}/restore"
-            )),
-        )
-        .step(
+            &points_store,
+            points::api::router(points_state.clone()),
+            &points_state.faults,
+        ),
+        (
             "shipping",
-            format!("http://{ship}/internal/shipments"),
-            Some(format!(
-                "http://{ship}/internal/shipments/{{saga_id}}/cancel"
-            )),
-        )
-        .step(
+            &shipping_store,
+            shipping::api::router(shipping_state.clone()),
+            &shipping_state.faults,
+        ),
+        (
             "notification",
-            format!("http://{note}/internal/notifications"),
-            None,
+            &notification_store,
+            notification::api::router(notification_state.clone()),
+            &notification_state.faults,
+        ),
+    ];
+    let mut services = Vec::new();
+    for (name, store, router, faults) in participants {
+        let router = with_probes(router, store);
+        let address = serve_service(router.clone(), faults, stop.clone(), &mut tasks).await?;
+        services.push(Service {
+            name,
+            store: Arc::clone(store),
+            router,
+            faults: faults.clone(),
+            address,
+            inbox: inbox(&dir, name)?,
+        });
+    }
+    let service = |name: &str| {
+        services
+            .iter()
+            .find(|s| s.name == name)
+            .expect("every participant is served")
+    };
+    let knobs: Arc<HashMap<&'static str, Faults>> = Arc::new(
+        services
+            .iter()
+            .map(|s| (s.name, s.faults.clone()))
+            .collect(),
+    );
+
+    // The bus: each service's store is its outbox.
+    let bus = InProcBus::new();
+    bus.register(
+        bus_name("order")?,
+        Arc::clone(&order_store),
+        public_events("order"),
+    );
+    for s in &services {
+        bus.register(
+            bus_name(s.name)?,
+            Arc::clone(&s.store),
+            public_events(s.name),
         );
+    }
+    let order_inbox = inbox(&dir, "order")?;
+    let mut consumers: Vec<Consumer> = Vec::new();
+
+    // Orchestrated: inventory and payment over HTTP (synchronous, with timeouts,
+    // retries, a circuit breaker and a bulkhead each); points, shipping and
+    // notification over the bus; the order service's own steps in process.
+    let mut remote = HttpParticipants::new(Arc::new(SystemClock))?;
+    let mut over_bus: Vec<&'static str> = Vec::new();
+    for (step, owner, action, compensation) in STEP_PATHS {
+        if OVER_HTTP.contains(&step) {
+            let base = format!("http://{}", service(owner).address);
+            remote = remote.step(
+                step,
+                format!("{base}{action}"),
+                compensation.map(|c| format!("{base}{c}")),
+            );
+        } else {
+            over_bus.push(step);
+        }
+    }
     let orders = handler::<order::domain::Order>(&order_store);
     let local = Arc::new(
         order::api::steps(Arc::clone(&orders))
             .into_iter()
             .fold(InProcess::new(), |p, (name, step)| p.step(name, step)),
     );
-    let participants = Routed::new(Arc::new(remote))
+    let commands: Arc<dyn Participants> = Arc::new(BusParticipants::new(Arc::clone(&order_store)));
+    let participants = over_bus
+        .iter()
+        .fold(Routed::new(Arc::new(remote)), |routed, step| {
+            routed.route(*step, Arc::clone(&commands))
+        })
         .route("order", Arc::clone(&local) as _)
         .route("complete", local as _);
+    let timeouts = order::saga::Timeouts::default();
     let engine = SagaEngine::new(
         Arc::clone(&order_store),
         Arc::new(participants),
         Arc::new(SystemClock),
         EngineOptions::default(),
     )
-    .register(order::saga::definition(order::saga::Timeouts::default()));
+    .register(order::saga::definition(timeouts));
     let sagas = engine.handle();
+    for s in services.iter().filter(|s| {
+        STEP_PATHS
+            .iter()
+            .any(|(step, owner, ..)| *owner == s.name && over_bus.contains(step))
+    }) {
+        let steps = step_handlers(s)
+            .into_iter()
+            .filter(|(step, _)| over_bus.contains(&step.as_str()))
+            .fold(
+                BusCommands::new(Arc::clone(&s.store)),
+                |h, (step, handler)| h.step(step, handler),
+            );
+        consumers.push(consumer(
+            &format!("{}_saga_commands", s.name),
+            "order",
+            &bus,
+            &s.inbox,
+            WhileUp::new(steps, &s.faults),
+        )?);
+        consumers.push(consumer(
+            &format!("order_saga_replies_{}", s.name),
+            s.name,
+            &bus,
+            &order_inbox,
+            ReplyHandler::new(sagas.clone()),
+        )?);
+    }
+
+    // Choreographed: the same saga definition, each service reacting to its
+    // neighbours' events; a tracker consumer per service follows the flows.
+    let chain = order::saga::chain(timeouts);
+    let order_steps: HashMap<String, StepHandler> = order::api::steps(Arc::clone(&orders))
+        .into_iter()
+        .map(|(name, step)| (name.to_owned(), step))
+        .collect();
+    for source in chain.sources("order") {
+        let participant = chain.participant(
+            "order",
+            &source,
+            Arc::clone(&order_store),
+            order_steps.clone(),
+        );
+        consumers.push(consumer(
+            &format!("order_chain_{source}"),
+            &source,
+            &bus,
+            &order_inbox,
+            participant,
+        )?);
+    }
+    for s in &services {
+        let steps: HashMap<String, StepHandler> = step_handlers(s).into_iter().collect();
+        for source in chain.sources(s.name) {
+            let participant =
+                chain.participant(s.name, &source, Arc::clone(&s.store), steps.clone());
+            consumers.push(consumer(
+                &format!("{}_chain_{source}", s.name),
+                &source,
+                &bus,
+                &s.inbox,
+                WhileUp::new(participant, &s.faults),
+            )?);
+        }
+    }
+    let flow = Arc::new(chain.flow(FLOW_DEADLINE));
+    let mut trackers = Vec::new();
+    for name in std::iter::once("order").chain(services.iter().map(|s| s.name)) {
+        let tracker = format!("order_flows_{name}");
+        consumers.push(consumer(
+            &tracker,
+            name,
+            &bus,
+            &order_inbox,
+            TrackerHandler::new(Arc::clone(&flow)),
+        )?);
+        trackers.push(ConsumerName::new(&tracker)?);
+    }
+    for consumer in consumers {
+        let mut consumer_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let stopped = async move {
+                let _ = consumer_stop.wait_for(|s| *s).await;
+            };
+            if let Err(error) = consumer.run(stopped).await {
+                eprintln!("error: a consumer stopped: {error}");
+            }
+        }));
+    }
+
     let mut engine_stop = stop.clone();
     tasks.push(tokio::spawn(async move {
         let stopped = async move {
@@ -394,9 +503,9 @@ pub async fn start(
             anyhow::anyhow!("cannot restart the sagas of pending orders: {}", e.message)
         })?;
     // The order list: a projection of the order store into its own read model.
-    let read_models: Arc<dyn eventyr_store::readmodel::ReadModels> = Arc::new(
-        eventyr_store_sqlite::SqliteReadModels::open(dir.join("order-read"))?,
-    );
+    let read_models: Arc<dyn ReadModels> = Arc::new(eventyr_store_sqlite::SqliteReadModels::open(
+        dir.join("order-read"),
+    )?);
     let (runner, _projections) = eventyr_cqrs::projections(
         Arc::clone(&order_store),
         Arc::clone(&read_models),
@@ -408,11 +517,19 @@ pub async fn start(
     tasks.push(tokio::spawn(runner.run(async move {
         let _ = runner_stop.wait_for(|s| *s).await;
     })));
+    let flows = Flows {
+        flow,
+        models: Arc::clone(&order_inbox),
+        consumers: trackers,
+    };
+    let inventory_address = service("inventory").address;
+    let addresses = services.iter().map(|s| (s.name, s.address)).collect();
     let public = order::api::router(order::api::Orders {
         orders,
         sagas: sagas.clone(),
-        prices: prices(inv),
+        prices: prices(inventory_address),
         read_models,
+        mode,
     })
     .merge(inventory::api::public(inventory_state))
     .merge(payment::api::public(payment_state))
@@ -420,24 +537,267 @@ pub async fn start(
     .merge(shipping::api::public(shipping_state))
     .merge(notification::api::public(notification_state))
     .merge(eventyr_saga::admin_router(sagas))
+    .merge(flows_router(Arc::new(flows)))
     .merge(faults_router(knobs));
     let public = serve(listen, with_probes(public, &order_store), stop, &mut tasks).await?;
     Ok(Addresses {
         public,
-        services: vec![
-            ("inventory", inv),
-            ("payment", pay),
-            ("points", pts),
-            ("shipping", ship),
-            ("notification", note),
-        ],
+        services: addresses,
         tasks,
     })
 }
 
+/// A participant service as `up` wires it.
+struct Service {
+    name: &'static str,
+    store: Arc<dyn EventStore>,
+    /// Its routes, served on `address` and called in process by its bus consumers.
+    router: Router,
+    faults: Faults,
+    address: SocketAddr,
+    /// Its consumers' inboxes.
+    inbox: Arc<dyn ReadModels>,
+}
+
+/// Each participant step: its service, and where that service serves its action and
+/// compensation — the same paths over HTTP, from the bus and in the choreography.
+const STEP_PATHS: [(&str, &str, &str, Option<&str>); 6] = [
+    (
+        "inventory",
+        "inventory",
+        "/internal/reservations",
+        Some("/internal/reservations/{saga_id}/release"),
+    ),
+    (
+        "confirm",
+        "inventory",
+        "/internal/reservations/{saga_id}/confirm",
+        None,
+    ),
+    (
+        "payment",
+        "payment",
+        "/internal/payments",
+        Some("/internal/payments/{saga_id}/refund"),
+    ),
+    (
+        "points",
+        "points",
+        "/internal/points/deductions",
+        Some("/internal/points/deductions/{saga_id}/restore"),
+    ),
+    (
+        "shipping",
+        "shipping",
+        "/internal/shipments",
+        Some("/internal/shipments/{saga_id}/cancel"),
+    ),
+    (
+        "notification",
+        "notification",
+        "/internal/notifications",
+        None,
+    ),
+];
+
+/// The steps the orchestrator calls over synchronous HTTP (PLAN.md); the other
+/// participants' steps travel over the bus.
+const OVER_HTTP: [&str; 3] = ["inventory", "confirm", "payment"];
+
+/// A choreographed order not finished this long after it began is flagged stuck.
+const FLOW_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A service's steps as handlers that call its routes in process.
+fn step_handlers(service: &Service) -> Vec<(String, StepHandler)> {
+    STEP_PATHS
+        .iter()
+        .filter(|(_, owner, ..)| *owner == service.name)
+        .map(|(step, _, action, compensation)| {
+            let handler = eventyr_saga::local_step(service.router.clone(), action, *compensation);
+            ((*step).to_owned(), handler)
+        })
+        .collect()
+}
+
+/// The public events of each service: its domain events (`contracts/events/`), and
+/// the saga's commands (order) or replies (the rest), and the choreography's events.
+fn public_events(service: &str) -> PublicEvents {
+    let domain: &[&str] = match service {
+        "order" => &[
+            "OrderCreated",
+            "OrderCompleted",
+            "OrderFailed",
+            "OrderCancelled",
+            eventyr_saga::bus::COMMAND_TYPE,
+        ],
+        "inventory" => &[
+            "ItemStocked",
+            "ItemRestocked",
+            "InventoryReserved",
+            "InventoryReleased",
+            "ReservationConfirmed",
+        ],
+        "payment" => &[
+            "CreditOpened",
+            "PaymentProcessed",
+            "PaymentFailed",
+            "PaymentRefunded",
+        ],
+        "points" => &[
+            "PointsOpened",
+            "PointsAwarded",
+            "PointsDeducted",
+            "PointsRestored",
+        ],
+        "shipping" => &["ShipmentCreated", "ShipmentCancelled"],
+        "notification" => &["NotificationSent"],
+        _ => &[],
+    };
+    let replies = (service != "order").then_some(eventyr_saga::bus::REPLY_TYPE);
+    PublicEvents::only(
+        domain
+            .iter()
+            .copied()
+            .chain(replies)
+            .chain(eventyr_saga::chain::EVENT_TYPES),
+    )
+}
+
+fn bus_name(service: &str) -> anyhow::Result<ServiceName> {
+    Ok(ServiceName::new(service)?)
+}
+
+/// A service's consumer inboxes: durable read models of its own.
+fn inbox(dir: &Path, service: &str) -> anyhow::Result<Arc<dyn ReadModels>> {
+    let path = dir.join(format!("{service}-inbox"));
+    let models = eventyr_store_sqlite::SqliteReadModels::open_durable(&path)
+        .with_context(|| format!("cannot open the inboxes in {}", path.display()))?;
+    Ok(Arc::new(models))
+}
+
+/// Consumer `name` of `source`'s events on the bus.
+fn consumer(
+    name: &str,
+    source: &str,
+    bus: &InProcBus,
+    inbox: &Arc<dyn ReadModels>,
+    handler: impl Handler,
+) -> anyhow::Result<Consumer> {
+    let options = ConsumerOptions {
+        // Steps wait on their service and on retries: room for a demo's concurrency.
+        max_in_flight: 64,
+        ..ConsumerOptions::default()
+    };
+    Ok(Consumer::new(
+        ConsumerName::new(name)?,
+        bus_name(source)?,
+        Arc::new(bus.clone()),
+        Arc::clone(inbox),
+        Arc::new(handler),
+    )
+    .options(options))
+}
+
+/// A service's consumer that takes nothing while the service is "down": its messages
+/// wait on the bus (as they would for a stopped service), and are handled once it is
+/// up again.
+struct WhileUp<H> {
+    inner: H,
+    faults: Faults,
+}
+
+impl<H> WhileUp<H> {
+    fn new(inner: H, faults: &Faults) -> Self {
+        Self {
+            inner,
+            faults: faults.clone(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<H: Handler> Handler for WhileUp<H> {
+    fn schema(&self) -> Vec<String> {
+        self.inner.schema()
+    }
+
+    async fn handle(
+        &self,
+        message: &Message,
+    ) -> Result<Vec<eventyr_store::sql::SqlStatement>, HandlerError> {
+        let mut knobs = self.faults.watch();
+        // A closed channel (never: the service holds it) lets the message through.
+        let _ = knobs.wait_for(|f| !f.down).await;
+        self.inner.handle(message).await
+    }
+}
+
+/// The tracker of choreographed orders: its consumers' inboxes, read together.
+struct Flows {
+    flow: Arc<eventyr_saga::choreography::Flow>,
+    models: Arc<dyn ReadModels>,
+    consumers: Vec<ConsumerName>,
+}
+
+impl Flows {
+    /// Every flow, newest first (a consumer not started yet: 503).
+    async fn all(&self) -> Result<Vec<FlowStatus>, eventyr_http::ApiError> {
+        let unavailable =
+            |e: eventyr_bus::BusError| eventyr_http::ApiError::unavailable(e.to_string());
+        let tracker = Tracker::open(
+            Arc::clone(&self.flow),
+            Arc::clone(&self.models),
+            &self.consumers,
+            Arc::new(SystemClock),
+        )
+        .await
+        .map_err(unavailable)?;
+        tracker.flows().await.map_err(unavailable)
+    }
+}
+
+/// `GET /admin/flows?limit=` (choreographed orders, newest first, with where each
+/// stands) and `GET /admin/flows/{id}`, from the tracker.
+fn flows_router(flows: Arc<Flows>) -> Router {
+    use axum::extract::{Path as UrlPath, Query, State};
+    use eventyr_http::ApiError;
+    #[derive(serde::Deserialize)]
+    struct ListQuery {
+        limit: Option<usize>,
+    }
+    async fn list(
+        State(flows): State<Arc<Flows>>,
+        Query(query): Query<ListQuery>,
+    ) -> Result<axum::Json<Vec<FlowStatus>>, ApiError> {
+        let mut flows = flows.all().await?;
+        flows.truncate(query.limit.unwrap_or(100).clamp(1, 1000));
+        Ok(axum::Json(flows))
+    }
+    async fn show(
+        State(flows): State<Arc<Flows>>,
+        UrlPath(id): UrlPath<String>,
+    ) -> Result<axum::Json<FlowStatus>, ApiError> {
+        flows
+            .all()
+            .await?
+            .into_iter()
+            .find(|f| f.correlation_id == id)
+            .map(axum::Json)
+            .ok_or_else(|| ApiError::not_found(format!("no choreographed order {id}")))
+    }
+    Router::new()
+        .route("/admin/flows", axum::routing::get(list))
+        .route("/admin/flows/{id}", axum::routing::get(show))
+        .with_state(flows)
+}
+
 pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
     let (stop, stopped) = watch::channel(false);
-    let addresses = start(&config.data_dir, args.listen, config, stopped).await?;
+    let mode = match args.saga_mode.or(config.saga_mode) {
+        Some(SagaModeArg::Choreographed) => SagaMode::Choreographed,
+        Some(SagaModeArg::Orchestrated) | None => SagaMode::Orchestrated,
+    };
+    let addresses = start(&config.data_dir, args.listen, config, mode, stopped).await?;
     println!("eventyr is up ({}).", config.data_dir.display());
     println!("public API on http://{}", addresses.public);
     for (service, address) in &addresses.services {

@@ -213,6 +213,7 @@ async fn system() -> System {
             sagas: sagas.clone(),
             prices,
             read_models,
+            mode: order::domain::SagaMode::Orchestrated,
         })
         .merge(eventyr_http::probes(ready, None)),
     ))
@@ -343,6 +344,7 @@ async fn the_demo_orders_reach_their_outcomes_across_the_services() {
         }],
         points_used: 0,
         saga_id: "orphan-1".into(),
+        saga_mode: order::domain::SagaMode::Orchestrated,
     };
     s.orders
         .execute(Command::new("orphan-1", orphan))
@@ -422,4 +424,70 @@ async fn the_demo_orders_reach_their_outcomes_across_the_services() {
         (status, testing::fields(&body)),
         (400, vec!["/items/0/sku".to_owned()])
     );
+}
+
+/// The saga's own public events (commands and replies over the bus, the chain's
+/// events) match their schemas in contracts/events/saga/.
+#[test]
+fn the_saga_events_on_the_bus_match_their_contracts() {
+    use eventyr_saga::bus::{StepCommand, StepReply};
+    use eventyr_saga::chain::ChainEvent;
+    use eventyr_saga::machine::Failure;
+    let command = StepCommand {
+        saga_id: "ord-1".into(),
+        saga_type: "order".into(),
+        step: "points".into(),
+        attempt: 1,
+        compensation: false,
+        idempotency_key: "ord-1/points".into(),
+        deadline: eventyr_core::Timestamp::from_unix_micros(1_790_000_000_000_000),
+        body: json!({ "deduction_id": "ord-1", "customer_id": "alice", "points": 10 }),
+    };
+    let replied = StepReply {
+        saga_id: "ord-1".into(),
+        step: "points".into(),
+        attempt: 1,
+        compensation: false,
+        result: Some(json!({ "balance": 490 })),
+        failure: None,
+    };
+    let refused = StepReply {
+        result: None,
+        failure: Some(Failure::permanent("10 points requested, the balance is 0")),
+        ..replied.clone()
+    };
+    let step = |note: Option<&str>, reason: Option<&str>| ChainEvent {
+        saga_type: "order".into(),
+        id: "ord-1".into(),
+        step: "payment".into(),
+        data: json!({ "order_id": "ord-1", "results": { "inventory": {} } }),
+        reason: reason.map(str::to_owned),
+        note: note.map(str::to_owned),
+    };
+    let samples = [
+        ("SagaStepCommand", serde_json::to_value(&command)),
+        ("SagaStepReplied", serde_json::to_value(&replied)),
+        ("SagaStepReplied", serde_json::to_value(&refused)),
+        ("ChainStepDone", serde_json::to_value(step(None, None))),
+        (
+            "ChainStepDone",
+            serde_json::to_value(step(Some("skipped"), None)),
+        ),
+        (
+            "ChainStepFailed",
+            serde_json::to_value(step(None, Some("declined"))),
+        ),
+        (
+            "ChainStepCompensated",
+            serde_json::to_value(step(None, Some("declined"))),
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (event_type, data) in samples {
+        eventyr_testkit::contracts::check_event("saga", event_type, &data.expect("json"));
+        seen.push(event_type.to_owned());
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, eventyr_testkit::contracts::event_types("saga"));
 }

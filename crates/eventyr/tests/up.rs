@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -12,24 +13,55 @@ use std::time::Duration;
 use eventyr_http::testing;
 use serde_json::{Value, json};
 
+/// `eventyr up` as a child process, killed when dropped (a failed test leaves no
+/// process behind).
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `eventyr up` on a free port; returns the process, the public API's URL and
-/// the shipping service's.
-fn up(dir: &Path) -> (Child, String, String) {
+/// each participant service's.
+fn up(dir: &Path) -> (Running, String, HashMap<String, String>) {
     up_with(dir, &[], Stdio::inherit())
 }
 
-fn up_with(dir: &Path, extra: &[&str], stderr: Stdio) -> (Child, String, String) {
+fn up_with(
+    dir: &Path,
+    extra: &[&str],
+    stderr: Stdio,
+) -> (Running, String, HashMap<String, String>) {
     let mut args = vec!["up", "--listen", "127.0.0.1:0"];
     args.extend_from_slice(extra);
-    let mut child = common::eventyr(dir, &args)
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("eventyr up starts");
+    let mut child = Running(
+        common::eventyr(dir, &args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("eventyr up starts"),
+    );
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let mut base = None;
-    let shipping = loop {
+    let mut services = HashMap::new();
+    while services.len() < 5 {
         let line = lines
             .next()
             .expect("eventyr up printed its addresses")
@@ -37,14 +69,14 @@ fn up_with(dir: &Path, extra: &[&str], stderr: Stdio) -> (Child, String, String)
         if let Some(url) = line.strip_prefix("public API on ") {
             base = Some(url.to_owned());
         }
-        if let Some(url) = line.trim().strip_prefix("shipping") {
-            break url.trim().trim_start_matches("steps on ").to_owned();
+        if let Some((service, url)) = line.trim().split_once(" steps on ") {
+            services.insert(service.trim().to_owned(), url.trim().to_owned());
         }
-    };
+    }
     let base = base.expect("the public API's address comes first");
     // Keep reading so that the process never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, base, shipping)
+    (child, base, services)
 }
 
 /// Writes stock held for `order_id` into the inventory's store behind the services'
@@ -102,7 +134,7 @@ async fn settled(base: &str, order_id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_system_serves_the_demo_and_survives_sigkill() {
     let dir = tempfile::tempdir().expect("dir");
-    let (mut first, base, shipping) = up(dir.path());
+    let (mut first, base, services) = up(dir.path());
     let alice = place(&base, "a", json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 2 }], "points_to_use": 10 })).await;
     let rare = place(
         &base,
@@ -134,7 +166,7 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
 
     // Orders under way when the process dies: shipping answers slowly.
     let slow = reqwest::Client::new()
-        .put(format!("{shipping}/admin/faults"))
+        .put(format!("{}/admin/faults", services["shipping"]))
         .json(&json!({ "latency_ms": 2000 }))
         .send()
         .await
@@ -205,39 +237,135 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_drives_orders_and_every_invariant_holds() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (mut system, base, _) = up(dir.path());
-    let args = [
-        "demo",
-        "--orders",
-        "60",
-        "--concurrency",
-        "4",
-        "--mix",
-        "failures",
-        "--url",
-        &base,
-    ];
-    let demo = common::run(dir.path(), &args).await;
-    let output = common::text(&demo.stdout);
-    assert!(
-        demo.status.success(),
-        "{output}{}",
-        common::text(&demo.stderr)
-    );
-    for line in [
-        "60 orders in",
-        "COMPLETED",
-        "out of stock",
-        "payment declined",
-        "insufficient points",
-        "every invariant holds",
-    ] {
-        assert!(output.contains(line), "no {line:?} in:\n{output}");
+async fn the_demo_drives_orders_and_every_invariant_holds_in_both_saga_modes() {
+    for mode in ["orchestrated", "choreographed"] {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut system, base, _) = up_with(dir.path(), &["--saga-mode", mode], Stdio::inherit());
+        let args = [
+            "demo",
+            "--orders",
+            "60",
+            "--concurrency",
+            "4",
+            "--mix",
+            "failures",
+            "--url",
+            &base,
+        ];
+        let demo = common::run(dir.path(), &args).await;
+        let output = common::text(&demo.stdout);
+        assert!(
+            demo.status.success(),
+            "{mode}: {output}{}",
+            common::text(&demo.stderr)
+        );
+        for line in [
+            "60 orders in",
+            "COMPLETED",
+            "out of stock",
+            "payment declined",
+            "insufficient points",
+            "every invariant holds",
+        ] {
+            assert!(output.contains(line), "{mode}: no {line:?} in:\n{output}");
+        }
+        system.kill().expect("stop");
+        system.wait().expect("reaped");
     }
-    system.kill().expect("stop");
-    system.wait().expect("reaped");
+}
+
+/// A failure reason without the address of the service that gave it (HTTP calls name
+/// the host; calls in process do not).
+fn without_host(reason: &str) -> String {
+    match reason.split_once("POST http://") {
+        Some((before, after)) => {
+            let path = after.find('/').map_or("", |i| &after[i..]);
+            format!("{before}POST {path}")
+        }
+        None => reason.to_owned(),
+    }
+}
+
+/// The same orders — completed, out of stock, declined, without enough points, and
+/// with a notifier that always fails — end the same way in both saga modes, and the
+/// tracker (choreographed) or the engine (orchestrated) shows each one finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_saga_modes_give_the_same_outcomes() {
+    let orders = [
+        json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 2 }], "points_to_use": 10 }),
+        json!({ "customer_id": "alice", "items": [{ "sku": "SKU-2", "quantity": 1 }, { "sku": "SKU-3", "quantity": 2 }] }),
+        json!({ "customer_id": "alice", "items": [{ "sku": "SKU-RARE", "quantity": 5 }] }),
+        json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 1 }, { "sku": "SKU-RARE", "quantity": 5 }] }),
+        json!({ "customer_id": "bob", "items": [{ "sku": "SKU-20", "quantity": 1 }] }),
+        json!({ "customer_id": "bob", "items": [{ "sku": "SKU-1", "quantity": 1 }], "points_to_use": 10 }),
+    ];
+    let mut outcomes = Vec::new();
+    for mode in ["orchestrated", "choreographed"] {
+        let dir = tempfile::tempdir().expect("dir");
+        let (mut system, base, _) = up_with(dir.path(), &["--saga-mode", mode], Stdio::inherit());
+        let failing = reqwest::Client::new()
+            .put(format!("{base}/admin/faults/notification"))
+            .json(&json!({ "failure_rate": 1.0 }))
+            .send()
+            .await
+            .expect("set");
+        assert_eq!(failing.status(), 200);
+        let mut ids = Vec::new();
+        for (i, body) in orders.iter().enumerate() {
+            ids.push(place(&base, &format!("same-{i}"), body.clone()).await);
+        }
+        let mut ended = Vec::new();
+        for id in &ids {
+            let order = settled(&base, id).await;
+            let reason = order["failure_reason"].as_str().map(without_host);
+            ended.push((
+                order["status"].as_str().unwrap_or_default().to_owned(),
+                reason,
+            ));
+            let finished = if mode == "orchestrated" {
+                let (_, saga) = testing::get(&format!("{base}/admin/sagas/{id}")).await;
+                saga["status"].clone()
+            } else {
+                let (_, flow) = testing::get(&format!("{base}/admin/flows/{id}")).await;
+                flow["status"].clone()
+            };
+            let expected = if order["status"] == "COMPLETED" {
+                "COMPLETED"
+            } else {
+                "COMPENSATED"
+            };
+            assert_eq!(finished, expected, "{mode}: {id}: {order}");
+        }
+        let (_, sent) = testing::get(&format!("{base}/api/notifications?customer_id=alice")).await;
+        assert_eq!(
+            sent["items"],
+            json!([]),
+            "{mode}: the notifier always fails"
+        );
+        let reconciled = common::run(dir.path(), &["reconcile"]).await;
+        assert!(
+            reconciled.status.success(),
+            "{mode}: {}",
+            common::text(&reconciled.stdout)
+        );
+        outcomes.push(ended);
+        system.kill().expect("stop");
+        system.wait().expect("reaped");
+    }
+    let statuses: Vec<&str> = outcomes[0].iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        statuses,
+        [
+            "COMPLETED",
+            "COMPLETED",
+            "FAILED",
+            "FAILED",
+            "FAILED",
+            "FAILED"
+        ],
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[0], outcomes[1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,20 +397,112 @@ async fn the_periodic_reconciliation_reports_an_inconsistency() {
     system.wait().expect("reaped");
 }
 
+/// Choreographed orders under way when the process dies finish after the restart —
+/// in orchestrated mode, which changes only how new orders run — each effect once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choreographed_orders_survive_sigkill_and_a_change_of_mode() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut first, base, services) = up_with(
+        dir.path(),
+        &["--saga-mode", "choreographed"],
+        Stdio::inherit(),
+    );
+    let slow = reqwest::Client::new()
+        .put(format!("{}/admin/faults", services["shipping"]))
+        .json(&json!({ "latency_ms": 1500 }))
+        .send()
+        .await
+        .expect("set faults");
+    assert_eq!(slow.status(), 200);
+    let mut under_way = Vec::new();
+    for i in 0..20 {
+        let body = if i % 5 == 4 {
+            json!({ "customer_id": "bob", "items": [{ "sku": "SKU-2", "quantity": 1 }], "points_to_use": 10 })
+        } else {
+            json!({ "customer_id": "alice", "items": [{ "sku": "SKU-2", "quantity": 1 }] })
+        };
+        under_way.push((place(&base, &format!("c{i}"), body).await, i % 5 != 4));
+    }
+    common::wait_for("choreographed orders under way", async || {
+        let (_, flows) = testing::get(&format!("{base}/admin/flows")).await;
+        flows
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["status"] == "IN_PROGRESS"))
+    })
+    .await;
+    first.kill().expect("SIGKILL");
+    first.wait().expect("reaped");
+
+    let (mut second, base, _) = up_with(
+        dir.path(),
+        &["--saga-mode", "orchestrated"],
+        Stdio::inherit(),
+    );
+    for (order, completes) in &under_way {
+        let expected = if *completes { "COMPLETED" } else { "FAILED" };
+        assert_eq!(settled(&base, order).await["status"], expected, "{order}");
+        let (_, flow) = testing::get(&format!("{base}/admin/flows/{order}")).await;
+        let expected = if *completes {
+            "COMPLETED"
+        } else {
+            "COMPENSATED"
+        };
+        assert_eq!(flow["status"], expected, "{flow}");
+    }
+    let (_, stock) = testing::get(&format!("{base}/api/inventory/SKU-2")).await;
+    assert_eq!(
+        (stock["available"].clone(), stock["reserved"].clone()),
+        (json!(984), json!(0)),
+        "each once"
+    );
+    second.kill().expect("stop");
+    second.wait().expect("reaped");
+    let reconciled = common::run(dir.path(), &["reconcile"]).await;
+    assert!(
+        reconciled.status.success(),
+        "{}",
+        common::text(&reconciled.stdout)
+    );
+}
+
+/// Waits until `order`'s saga has an event of `event_type` for `step`.
+async fn saga_event(base: &str, order: &str, event_type: &str, step: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, saga) = testing::get(&format!("{base}/admin/sagas/{order}")).await;
+        let seen = saga["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["event"]["type"] == event_type && e["event"]["step"] == step);
+        if seen {
+            return saga;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {event_type} of {step}: {saga}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_participant_that_is_down_refuses_connections_and_the_saga_waits_for_it() {
     let dir = tempfile::tempdir().expect("dir");
-    let (mut system, base, shipping) = up(dir.path());
+    let (mut system, base, services) = up(dir.path());
     let client = reqwest::Client::new();
-    let down = |down: bool| {
+    let down = |service: &str, down: bool| {
         client
-            .put(format!("{base}/admin/faults/shipping"))
+            .put(format!("{base}/admin/faults/{service}"))
             .json(&json!({ "down": down }))
             .send()
     };
-    assert_eq!(down(true).await.expect("set").status(), 200);
+
+    // Payment, called over HTTP: its listener closes; the step fails to connect and
+    // is retried until it is back.
+    assert_eq!(down("payment", true).await.expect("set").status(), 200);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while reqwest::get(format!("{shipping}/health/live"))
+    while reqwest::get(format!("{}/health/live", services["payment"]))
         .await
         .is_ok()
     {
@@ -298,29 +518,32 @@ async fn a_participant_that_is_down_refuses_connections_and_the_saga_waits_for_i
         json!({ "customer_id": "alice", "items": [{ "sku": "SKU-3", "quantity": 1 }] }),
     )
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, saga) = testing::get(&format!("{base}/admin/sagas/{order}")).await;
-        let refused = saga["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|e| e["event"]["type"] == "StepFailed" && e["event"]["step"] == "shipping");
-        if refused {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "shipping was never tried: {saga}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(down(false).await.expect("set").status(), 200);
+    saga_event(&base, &order, "StepFailed", "payment").await;
+    assert_eq!(down("payment", false).await.expect("set").status(), 200);
     assert_eq!(
         settled(&base, &order).await["status"],
         "COMPLETED",
         "retried once it was up"
     );
+
+    // Shipping, reached over the bus: while it is down its commands wait on the bus;
+    // once it is up it takes them and the saga goes on.
+    assert_eq!(down("shipping", true).await.expect("set").status(), 200);
+    let order = place(
+        &base,
+        "e",
+        json!({ "customer_id": "alice", "items": [{ "sku": "SKU-3", "quantity": 1 }] }),
+    )
+    .await;
+    saga_event(&base, &order, "StepRequested", "shipping").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, saga) = testing::get(&format!("{base}/admin/sagas/{order}")).await;
+    assert_eq!(
+        saga["status"], "IN_PROGRESS",
+        "shipping answered while down: {saga}"
+    );
+    assert_eq!(down("shipping", false).await.expect("set").status(), 200);
+    assert_eq!(settled(&base, &order).await["status"], "COMPLETED");
     system.kill().expect("stop");
     system.wait().expect("reaped");
 }

@@ -21,7 +21,7 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::domain::{LINES_MAX, Line, Order, OrderCommand, OrderError, QUANTITY_MAX};
+use crate::domain::{LINES_MAX, Line, Order, OrderCommand, OrderError, QUANTITY_MAX, SagaMode};
 use crate::saga::{SAGA_TYPE, data};
 
 /// The price of a SKU, if it is in the catalog (the order service's copy of the
@@ -39,6 +39,8 @@ pub struct Orders {
     pub prices: PriceOf,
     /// The order list's read model (`read::OrdersView`).
     pub read_models: Arc<dyn eventyr_store::readmodel::ReadModels>,
+    /// How the sagas of new orders run.
+    pub mode: SagaMode,
 }
 
 pub fn router(orders: Orders) -> Router {
@@ -244,6 +246,7 @@ async fn place(
         lines,
         points_used: body.points_to_use,
         saga_id: order_id.clone(),
+        saga_mode: orders.mode,
     };
     let order = eventyr_http::execute_and_load(
         &orders.orders,
@@ -261,12 +264,15 @@ async fn place(
             e
         }
     })?;
-    // Idempotent: a retried request starts nothing new.
-    orders
-        .sagas
-        .start_with_id(SAGA_TYPE, &order_id, data(&order), Some(order_id.clone()))
-        .await
-        .map_err(|e| ApiError::unavailable(format!("the order saga did not start: {e}")))?;
+    // Idempotent: a retried request starts nothing new. A choreographed saga starts
+    // with the OrderCreated event itself.
+    if order.saga_mode == SagaMode::Orchestrated {
+        orders
+            .sagas
+            .start_with_id(SAGA_TYPE, &order_id, data(&order), Some(order_id.clone()))
+            .await
+            .map_err(|e| ApiError::unavailable(format!("the order saga did not start: {e}")))?;
+    }
     let placed = Placed {
         status: status_name(&order),
         order_id: order_id.clone(),
@@ -364,8 +370,8 @@ fn step_failure(error: ApiError) -> Failure {
     }
 }
 
-/// Starts the saga of every PENDING order that has none (placed, then the process
-/// died before the saga started). Starts are idempotent, so running it at every start
+/// Starts the saga of every PENDING orchestrated order that has none (placed, then the
+/// process died before the saga started; a choreographed one starts from its event). Starts are idempotent, so running it at every start
 /// is safe. Returns how many orders it looked at.
 pub async fn restart_sagas(
     orders: &CommandHandler<Order>,
@@ -389,7 +395,9 @@ pub async fn restart_sagas(
             };
             looked += 1;
             let order = orders.load(order_id).await.map_err(failure)?.state;
-            if order.status == crate::domain::OrderStatus::Pending {
+            if order.status == crate::domain::OrderStatus::Pending
+                && order.saga_mode == SagaMode::Orchestrated
+            {
                 sagas
                     .start_with_id(SAGA_TYPE, order_id, data(&order), Some(order_id.to_owned()))
                     .await

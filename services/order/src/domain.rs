@@ -26,6 +26,18 @@ pub enum OrderStatus {
     Cancelled,
 }
 
+/// How an order's saga runs: orchestrated by the order service's saga engine, or
+/// choreographed (each service reacting to the events of the one before). Chosen when
+/// the order is placed and kept with it, so a change of mode leaves the orders under
+/// way to finish the way they began.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaMode {
+    #[default]
+    Orchestrated,
+    Choreographed,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
     pub sku: String,
@@ -41,6 +53,7 @@ pub struct Order {
     pub total_cents: i64,
     pub points_used: u64,
     pub saga_id: String,
+    pub saga_mode: SagaMode,
     pub status: OrderStatus,
     pub failure_reason: Option<String>,
 }
@@ -60,6 +73,7 @@ pub enum OrderCommand {
         lines: Vec<Line>,
         points_used: u64,
         saga_id: String,
+        saga_mode: SagaMode,
     },
     Complete,
     Fail {
@@ -80,6 +94,9 @@ pub enum OrderEvent {
         total_cents: i64,
         points_used: u64,
         saga_id: String,
+        /// Absent in events recorded before modes existed: orchestrated.
+        #[serde(default, skip_serializing_if = "is_orchestrated")]
+        saga_mode: SagaMode,
     },
     OrderCompleted {
         order_id: String,
@@ -95,6 +112,10 @@ pub enum OrderEvent {
 }
 
 impl AdjacentlyTagged for OrderEvent {}
+
+fn is_orchestrated(mode: &SagaMode) -> bool {
+    *mode == SagaMode::Orchestrated
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OrderError {
@@ -169,7 +190,19 @@ impl Aggregate for Order {
                 lines,
                 points_used,
                 saga_id,
-            } => return self.place(order_id, customer_id, lines, *points_used, saga_id),
+                saga_mode,
+            } => {
+                let created = OrderEvent::OrderCreated {
+                    order_id: order_id.clone(),
+                    customer_id: customer_id.clone(),
+                    lines: lines.clone(),
+                    total_cents: total(lines)?,
+                    points_used: *points_used,
+                    saga_id: saga_id.clone(),
+                    saga_mode: *saga_mode,
+                };
+                return self.place(created);
+            }
             Complete => (
                 OrderStatus::Completed,
                 OrderEvent::OrderCompleted { order_id },
@@ -206,6 +239,7 @@ impl Aggregate for Order {
                 total_cents,
                 points_used,
                 saga_id,
+                saga_mode,
             } => {
                 *self = Order {
                     order_id: order_id.clone(),
@@ -214,6 +248,7 @@ impl Aggregate for Order {
                     total_cents: *total_cents,
                     points_used: *points_used,
                     saga_id: saga_id.clone(),
+                    saga_mode: *saga_mode,
                     status: OrderStatus::Pending,
                     failure_reason: None,
                 };
@@ -241,39 +276,35 @@ impl Aggregate for Order {
 }
 
 impl Order {
-    fn place(
-        &self,
-        order_id: &str,
-        customer_id: &str,
-        lines: &[Line],
-        points_used: u64,
-        saga_id: &str,
-    ) -> Result<Vec<OrderEvent>, OrderError> {
-        let total_cents = total(lines)?;
+    fn place(&self, created: OrderEvent) -> Result<Vec<OrderEvent>, OrderError> {
+        let OrderEvent::OrderCreated {
+            order_id,
+            customer_id,
+            lines,
+            total_cents,
+            points_used,
+            ..
+        } = &created
+        else {
+            return Ok(Vec::new());
+        };
+        let (total_cents, points_used) = (*total_cents, *points_used);
         if i64::try_from(points_used).map_or(true, |p| p > total_cents) {
             return Err(OrderError::TooManyPoints {
                 points: points_used,
                 total_cents,
             });
         }
-        let created = OrderEvent::OrderCreated {
-            order_id: order_id.to_owned(),
-            customer_id: customer_id.to_owned(),
-            lines: lines.to_vec(),
-            total_cents,
-            points_used,
-            saga_id: saga_id.to_owned(),
-        };
         if self.status == OrderStatus::None {
             return Ok(vec![created]);
         }
-        let same = self.customer_id == customer_id
-            && self.lines == lines
+        let same = &self.customer_id == customer_id
+            && &self.lines == lines
             && self.points_used == points_used;
         if same {
             Ok(Vec::new())
         } else {
-            Err(OrderError::Exists(order_id.to_owned()))
+            Err(OrderError::Exists(order_id.clone()))
         }
     }
 }
@@ -301,6 +332,7 @@ mod tests {
             lines: lines(),
             points_used,
             saga_id: "o1".into(),
+            saga_mode: SagaMode::Orchestrated,
         }
     }
 
@@ -312,6 +344,7 @@ mod tests {
             total_cents: 10_000,
             points_used: 10,
             saga_id: "o1".into(),
+            saga_mode: SagaMode::Orchestrated,
         }
     }
 
@@ -334,6 +367,7 @@ mod tests {
                 lines: twice,
                 points_used: 0,
                 saga_id: "o1".into(),
+                saga_mode: SagaMode::Orchestrated,
             })
             .then_error(|e| matches!(e, OrderError::DuplicateSku(_)));
     }

@@ -59,6 +59,7 @@ impl Projection for OrdersView {
                 total_cents,
                 points_used,
                 saga_id,
+                ..
             } => SqlStatement::new(
                 "INSERT INTO orders (order_id, seq, customer_id, status, items, total_cents, \
                  points_used, saga_id) VALUES ($1, $2, $3, 'PENDING', $4, $5, $6, $7)",

@@ -10,15 +10,23 @@
 //! 6. `confirm` the reservation: the stock has shipped (retriable-only).
 //! 7. `notification` (30 s, retriable-only: retried, never compensated).
 //! 8. `complete` (retriable-only, this service): the order is COMPLETED.
+//!
+//! Choreographed ([`chain`]), the same definition runs without the engine: each
+//! service reacts to the events of its neighbours in [`SERVICES`], starting with a
+//! choreographed order's `OrderCreated`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use eventyr_bus::Message;
 use eventyr_core::RetryPolicy;
+use eventyr_cqrs::{Aggregate, DomainEvent};
+use eventyr_saga::chain::Chain;
 use eventyr_saga::machine::REASON_KEY;
 use eventyr_saga::{SagaDefinition, Step};
 use serde_json::{Value, json};
 
-use crate::domain::Order;
+use crate::domain::{Order, OrderEvent, SagaMode};
 
 /// The saga type.
 pub const SAGA_TYPE: &str = "order";
@@ -159,4 +167,36 @@ pub fn definition(timeouts: Timeouts) -> SagaDefinition {
         )
         .validate()
         .expect("the order saga's definition is valid")
+}
+
+/// The service of each step.
+pub const SERVICES: [(&str, &str); 8] = [
+    ("order", "order"),
+    ("inventory", "inventory"),
+    ("payment", "payment"),
+    ("points", "points"),
+    ("shipping", "shipping"),
+    ("confirm", "inventory"),
+    ("notification", "notification"),
+    ("complete", "order"),
+];
+
+/// The order saga as a choreography: the same steps, each service reacting to its
+/// neighbours' events; it starts with the `OrderCreated` of a choreographed order.
+pub fn chain(timeouts: Timeouts) -> Chain {
+    Chain::new(
+        definition(timeouts),
+        &SERVICES,
+        ("order", "OrderCreated"),
+        Arc::new(begin),
+    )
+    .expect("every step of the order saga has its service")
+}
+
+/// A choreographed order's saga id (the order id) and data, from its `OrderCreated`.
+fn begin(message: &Message) -> Option<(String, Value)> {
+    let event = OrderEvent::from_stored(&message.event.event_type, &message.event.data).ok()?;
+    let mut order = Order::default();
+    order.apply(&event);
+    (order.saga_mode == SagaMode::Choreographed).then(|| (order.order_id.clone(), data(&order)))
 }

@@ -17,6 +17,7 @@ fn every_public_event_matches_its_contract() {
             total_cents: 1_000,
             points_used: 10,
             saga_id: "order-1".into(),
+            saga_mode: order::domain::SagaMode::Choreographed,
         },
         OrderCompleted {
             order_id: "order-1".into(),
