@@ -313,6 +313,7 @@ async fn show(
         "total_cents": order.total_cents,
         "points_used": order.points_used,
         "saga_id": order.saga_id,
+        "saga_mode": order.saga_mode,
         "failure_reason": order.failure_reason,
     })))
 }
