@@ -11,7 +11,7 @@
 //!    done (another instance has it, or it is being retried) → deliver again later;
 //! 4. handle, commit the statements with the inbox record, acknowledge.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::panic::AssertUnwindSafe;
@@ -68,6 +68,13 @@ pub trait Handler: Send + Sync + 'static {
     /// [`eventyr_store::sql`]), created with its inbox on first start.
     fn schema(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// The event types the handler acts on (`None`, the default: any). The transport
+    /// may then leave the others out (see `SubscribeRequest::event_types`); the
+    /// handler must still ignore any it gets.
+    fn event_types(&self) -> Option<BTreeSet<String>> {
+        None
     }
 
     /// Decides the effect of `message`: statements committed in one transaction with
@@ -216,6 +223,7 @@ impl Consumer {
                 max_in_flight,
                 ack_wait: options.ack_wait,
                 checkpoints: Arc::new(inbox.clone()),
+                event_types: self.handler.event_types(),
             })
             .await?;
         let (stopping_tx, stopping) = watch::channel(false);

@@ -100,6 +100,7 @@ impl Transport for InProcBus {
                     source: request.source.clone(),
                     producer,
                     checkpoints: Arc::clone(&request.checkpoints),
+                    event_types: request.event_types.clone(),
                     read_ahead: READ_AHEAD_MIN.max(request.max_in_flight * 4),
                     state: Mutex::new(GroupState::default()),
                     changed: Notify::new(),
@@ -126,6 +127,9 @@ struct Group {
     source: ServiceName,
     producer: Producer,
     checkpoints: Arc<dyn Checkpoints>,
+    /// The event types the consumer acts on (`None`: every public one); the rest are
+    /// left out as if private.
+    event_types: Option<std::collections::BTreeSet<String>>,
     read_ahead: usize,
     state: Mutex<GroupState>,
     /// Rings when a message is settled (a stream may be free, or one is back).
@@ -250,7 +254,12 @@ impl Group {
         let more = !slice.is_end();
         let before = state.window.len();
         for event in slice.events {
-            if event.position >= state.next && self.producer.public.contains(&event.event_type) {
+            let wanted = self.producer.public.contains(&event.event_type)
+                && self
+                    .event_types
+                    .as_ref()
+                    .is_none_or(|types| types.contains(event.event_type.as_str()));
+            if event.position >= state.next && wanted {
                 state.window.insert(
                     event.position,
                     Entry {

@@ -2,6 +2,7 @@
 //! backend must do, and nothing more. Backends: [`InProcBus`](crate::InProcBus) here,
 //! NATS JetStream in `eventyr-bus-nats`.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +53,11 @@ pub struct SubscribeRequest {
     /// How long the broker waits for an acknowledgement before it delivers again.
     pub ack_wait: Duration,
     pub checkpoints: Arc<dyn Checkpoints>,
+    /// The event types the consumer acts on (`None`: all). A transport may leave the
+    /// others out, as if they were private (the in-process bus does: a consumer then
+    /// neither reads nor records what it would ignore); a broker whose ordering links
+    /// count every public event (NATS) delivers them all, and the handler ignores them.
+    pub event_types: Option<BTreeSet<String>>,
 }
 
 /// A message bus backend.

@@ -12,7 +12,7 @@
 //! Commands and replies have ids derived from (key, attempt), so an attempt sent again
 //! after a restart, or a command delivered again, is stored once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -141,6 +141,10 @@ impl ReplyHandler {
 
 #[async_trait]
 impl Handler for ReplyHandler {
+    fn event_types(&self) -> Option<BTreeSet<String>> {
+        Some(BTreeSet::from([REPLY_TYPE.to_owned()]))
+    }
+
     async fn handle(&self, message: &Message) -> Result<Vec<SqlStatement>, HandlerError> {
         if message.event.event_type.as_str() != REPLY_TYPE {
             return Ok(Vec::new());
@@ -195,6 +199,10 @@ impl CommandHandler {
 
 #[async_trait]
 impl Handler for CommandHandler {
+    fn event_types(&self) -> Option<BTreeSet<String>> {
+        Some(BTreeSet::from([COMMAND_TYPE.to_owned()]))
+    }
+
     async fn handle(&self, message: &Message) -> Result<Vec<SqlStatement>, HandlerError> {
         if message.event.event_type.as_str() != COMMAND_TYPE {
             return Ok(Vec::new());

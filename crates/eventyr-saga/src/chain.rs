@@ -210,6 +210,15 @@ enum Reaction {
 
 #[async_trait]
 impl Handler for ChainParticipant {
+    fn event_types(&self) -> Option<BTreeSet<String>> {
+        let mut types: BTreeSet<String> = EVENT_TYPES.iter().map(|t| (*t).to_owned()).collect();
+        let (service, event_type) = &self.chain.start;
+        if *service == self.source && self.chain.owner(0) == Some(self.service.as_str()) {
+            types.insert(event_type.clone());
+        }
+        Some(types)
+    }
+
     async fn handle(&self, message: &Message) -> Result<Vec<SqlStatement>, HandlerError> {
         if message.source.as_str() != self.source {
             return Ok(Vec::new());

@@ -10,7 +10,7 @@
 //!   service of the flow; [`Tracker`] reads them together, and flags a flow that has
 //!   not finished within its deadline as stuck.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +53,10 @@ impl Reactions {
 
 #[async_trait]
 impl Handler for Reactions {
+    fn event_types(&self) -> Option<BTreeSet<String>> {
+        Some(self.reactions.keys().cloned().collect())
+    }
+
     async fn handle(&self, message: &Message) -> Result<Vec<SqlStatement>, HandlerError> {
         let mut statements = Vec::new();
         for reaction in self
@@ -175,6 +179,14 @@ impl TrackerHandler {
 impl Handler for TrackerHandler {
     fn schema(&self) -> Vec<String> {
         vec![TRACKER_SCHEMA.to_owned()]
+    }
+
+    fn event_types(&self) -> Option<BTreeSet<String>> {
+        let mut types: BTreeSet<String> = self.flow.marks.keys().map(|(_, t)| t.clone()).collect();
+        if self.flow.chain.is_some() {
+            types.extend(crate::chain::EVENT_TYPES.iter().map(|t| (*t).to_owned()));
+        }
+        Some(types)
     }
 
     async fn handle(&self, message: &Message) -> Result<Vec<SqlStatement>, HandlerError> {

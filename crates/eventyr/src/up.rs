@@ -41,13 +41,23 @@ pub struct Addresses {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// A service's command handler. With snapshots: an item or a customer account
+/// gathers an event per order, and every read of it (a price, a balance) or command
+/// on it that misses the cache would otherwise replay them all.
 fn handler<A: Aggregate>(store: &Arc<dyn EventStore>) -> Arc<CommandHandler<A>> {
+    let options = HandlerOptions {
+        snapshot_every: Some(SNAPSHOT_EVERY),
+        ..HandlerOptions::default()
+    };
     Arc::new(CommandHandler::new(
         Arc::clone(store),
         Arc::new(Upcasters::new()),
-        HandlerOptions::default(),
+        options,
     ))
 }
+
+/// Events between two snapshots of an aggregate.
+const SNAPSHOT_EVERY: u64 = 50;
 
 /// Serves `router` on `address` until `stop` rings.
 async fn serve(
@@ -733,6 +743,10 @@ impl<H> WhileUp<H> {
 impl<H: Handler> Handler for WhileUp<H> {
     fn schema(&self) -> Vec<String> {
         self.inner.schema()
+    }
+
+    fn event_types(&self) -> Option<std::collections::BTreeSet<String>> {
+        self.inner.event_types()
     }
 
     async fn handle(
