@@ -163,12 +163,13 @@ impl Inbox {
         }
     }
 
-    /// The consumers with an inbox in `models`.
+    /// The consumers with an inbox in `models` (one that has started at least once).
     pub async fn consumers(models: &dyn ReadModels) -> Result<Vec<ConsumerName>, BusError> {
         Ok(models
             .list()
             .await?
             .into_iter()
+            .filter(|info| info.current.is_some())
             .filter_map(|info| {
                 let name = info.projection.strip_prefix(INBOX_PREFIX)?;
                 ConsumerName::new(name).ok()

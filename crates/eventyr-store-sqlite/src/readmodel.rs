@@ -432,13 +432,16 @@ impl Inner {
         let mut grouped = Vec::with_capacity(rows.len());
         for (projection, generation, current) in rows {
             let generation = Generation(generation.unsigned_abs());
-            let checkpoint = self.checkpoint(&projection, generation)?;
-            grouped.push((
-                projection,
-                generation,
-                current.map(|g| Generation(g.unsigned_abs())),
-                checkpoint,
-            ));
+            let current = current.map(|g| Generation(g.unsigned_abs()));
+            // A generation the catalog holds but whose file was never finished (the
+            // process died in `create`, between the catalog and the file) is listed at
+            // the start; the next promotion drops it. The current one must read.
+            let checkpoint = match self.checkpoint(&projection, generation) {
+                Ok(checkpoint) => checkpoint,
+                Err(_) if current != Some(generation) => Position(0),
+                Err(error) => return Err(error),
+            };
+            grouped.push((projection, generation, current, checkpoint));
         }
         Ok(group_generations(grouped))
     }

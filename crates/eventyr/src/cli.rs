@@ -242,6 +242,10 @@ pub enum DlqCommand {
         /// Only this consumer's dead letters.
         #[arg(long)]
         consumer: Option<String>,
+        /// The consumers of this service of `eventyr up` (order, inventory, payment,
+        /// points, shipping, notification) instead of the configured inboxes.
+        #[arg(long)]
+        service: Option<String>,
         /// Also list the ones already replayed.
         #[arg(long)]
         all: bool,
@@ -261,6 +265,10 @@ pub enum DlqCommand {
         /// The consumer the dead letters belong to. Default: whichever holds the id.
         #[arg(long)]
         consumer: Option<String>,
+        /// The consumers of this service of `eventyr up` instead of the configured
+        /// inboxes.
+        #[arg(long)]
+        service: Option<String>,
         /// Wait up to this long for the consumer to replay them and report the
         /// outcome, e.g. 30s.
         #[arg(long, value_parser = parse_duration)]

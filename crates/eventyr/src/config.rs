@@ -2,10 +2,12 @@
 //! environment → flags. clap merges the last two (a flag wins over its environment
 //! variable); this module puts the file underneath and the defaults under that.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use eventyr_core::Limits;
+use eventyr_http::{FaultSettings, Validate};
 use serde::Deserialize;
 
 use crate::cli::{GlobalArgs, SagaModeArg, StoreKind};
@@ -20,7 +22,13 @@ pub struct Config {
     pub store: StoreConfig,
     /// `saga.mode`: how `eventyr up` runs the sagas of new orders, unless its flag says.
     pub saga_mode: Option<SagaModeArg>,
+    /// `[faults.<service>]`: the demonstration knobs `eventyr up` starts with.
+    pub faults: BTreeMap<String, FaultSettings>,
 }
+
+/// The services whose knobs `[faults.<service>]` may set.
+pub const FAULT_SERVICES: [&str; 5] =
+    ["inventory", "payment", "points", "shipping", "notification"];
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -43,6 +51,8 @@ struct File {
     store: FileStore,
     #[serde(default)]
     saga: FileSaga,
+    #[serde(default)]
+    faults: BTreeMap<String, FaultSettings>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +86,21 @@ impl Config {
             }
             limits.event_size_max_bytes = max;
         }
+        for (service, settings) in &file.faults {
+            if !FAULT_SERVICES.contains(&service.as_str()) {
+                bail!(
+                    "faults.{service}: no such service (one of {})",
+                    FAULT_SERVICES.join(", ")
+                );
+            }
+            if let Some(field) = settings.validate().first() {
+                bail!(
+                    "faults.{service}{}: {}",
+                    field.field.replace('/', "."),
+                    field.message
+                );
+            }
+        }
         Ok(Self {
             data_dir: args
                 .data_dir
@@ -104,6 +129,7 @@ impl Config {
                 limits,
             },
             saga_mode: file.saga.mode,
+            faults: file.faults,
         })
     }
 }

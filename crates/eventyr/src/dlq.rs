@@ -44,15 +44,22 @@ struct Row<'a> {
     letter: &'a DeadLetter,
 }
 
+/// The inboxes to look in: those of a service of `eventyr up`, or the configured ones.
+pub async fn models(config: &Config, service: Option<&str>) -> anyhow::Result<Arc<dyn ReadModels>> {
+    match service {
+        Some(service) => crate::up::service_inboxes(&config.data_dir, service),
+        None => stores::open_inboxes(config).await,
+    }
+}
+
 pub async fn list(
-    config: &Config,
+    models: &Arc<dyn ReadModels>,
     consumer: Option<&str>,
     all: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let models = stores::open_inboxes(config).await?;
     let mut rows: Vec<(ConsumerName, DeadLetter)> = Vec::new();
-    for (name, inbox) in inboxes(&models, consumer).await? {
+    for (name, inbox) in inboxes(models, consumer).await? {
         let letters = inbox
             .dead_letters(None, LIST_LIMIT)
             .await
@@ -109,14 +116,13 @@ pub async fn list(
 }
 
 pub async fn replay(
-    config: &Config,
+    models: &Arc<dyn ReadModels>,
     id: Option<&str>,
     consumer: Option<&str>,
     wait: Option<Duration>,
 ) -> anyhow::Result<()> {
-    let models = stores::open_inboxes(config).await?;
     let mut queued: Vec<(ConsumerName, Inbox, String)> = Vec::new();
-    for (name, inbox) in inboxes(&models, consumer).await? {
+    for (name, inbox) in inboxes(models, consumer).await? {
         let ids: Vec<String> = match id {
             Some(id) => vec![id.to_owned()],
             None => inbox

@@ -77,15 +77,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => match command {
             DlqCommand::List {
                 consumer,
+                service,
                 all,
                 json,
-            } => dlq::list(&config, consumer.as_deref(), all, json).await,
+            } => {
+                let models = dlq::models(&config, service.as_deref()).await?;
+                dlq::list(&models, consumer.as_deref(), all, json).await
+            }
             DlqCommand::Replay {
                 id,
                 all: _,
                 consumer,
+                service,
                 wait,
-            } => dlq::replay(&config, id.as_deref(), consumer.as_deref(), wait).await,
+            } => {
+                let models = dlq::models(&config, service.as_deref()).await?;
+                dlq::replay(&models, id.as_deref(), consumer.as_deref(), wait).await
+            }
         },
         Command::Bench { command } => bench::run(&config, command).await,
     }

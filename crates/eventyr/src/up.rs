@@ -355,6 +355,12 @@ pub async fn start(
             .map(|s| (s.name, s.faults.clone()))
             .collect(),
     );
+    // The knobs set in eventyr.toml (`[faults.<service>]`; names checked on load).
+    for (service, settings) in &config.faults {
+        if let Some(faults) = knobs.get(service.as_str()) {
+            faults.set(*settings);
+        }
+    }
 
     // The bus: each service's store is its outbox.
     let bus = InProcBus::new();
@@ -697,6 +703,23 @@ fn inbox(dir: &Path, service: &str) -> anyhow::Result<Arc<dyn ReadModels>> {
     let models = eventyr_store_sqlite::SqliteReadModels::open(&path)
         .with_context(|| format!("cannot open the inboxes in {}", path.display()))?;
     Ok(Arc::new(models))
+}
+
+/// The inboxes of a service of `up` on `data_dir` (`eventyr dlq --service`).
+pub fn service_inboxes(data_dir: &Path, service: &str) -> anyhow::Result<Arc<dyn ReadModels>> {
+    let known = std::iter::once("order").chain(crate::config::FAULT_SERVICES);
+    anyhow::ensure!(
+        known.clone().any(|s| s == service),
+        "no service {service} (one of {})",
+        known.collect::<Vec<_>>().join(", ")
+    );
+    let dir = data_dir.join("services");
+    anyhow::ensure!(
+        dir.join(format!("{service}-inbox")).is_dir(),
+        "no inboxes of {service} in {}: has `eventyr up` run with this data directory?",
+        dir.display()
+    );
+    inbox(&dir, service)
 }
 
 /// Consumer `name` of `source`'s events on the bus.

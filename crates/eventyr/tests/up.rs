@@ -547,3 +547,49 @@ async fn a_participant_that_is_down_refuses_connections_and_the_saga_waits_for_i
     system.kill().expect("stop");
     system.wait().expect("reaped");
 }
+
+/// The demonstration knobs can be set in eventyr.toml; a knob of no service, or out of
+/// range, is refused with its name before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_set_in_the_config_file_apply_from_the_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("eventyr.toml"),
+        "[faults.notification]\nfailure_rate = 0.5\n\n[faults.shipping]\nlatency_ms = 20\n",
+    )
+    .expect("config");
+    let (mut system, base, _) = up(dir.path());
+    let (_, knobs) = testing::get(&format!("{base}/admin/faults/notification")).await;
+    assert_eq!(
+        knobs,
+        json!({ "failure_rate": 0.5, "latency_ms": 0, "down": false })
+    );
+    let (_, knobs) = testing::get(&format!("{base}/admin/faults/shipping")).await;
+    assert_eq!(knobs["latency_ms"], 20);
+    system.kill().expect("stop");
+    system.wait().expect("reaped");
+
+    // The services' consumers keep their dead letters where `dlq --service` looks.
+    let listed = common::run(dir.path(), &["dlq", "list", "--service", "notification"]).await;
+    assert!(listed.status.success(), "{}", common::text(&listed.stderr));
+    let unknown = common::run(dir.path(), &["dlq", "list", "--service", "../x"]).await;
+    assert!(!unknown.status.success());
+    assert!(common::text(&unknown.stderr).contains("no service ../x"));
+
+    for (config, error) in [
+        (
+            "[faults.warehouse]\ndown = true\n",
+            "faults.warehouse: no such service",
+        ),
+        (
+            "[faults.payment]\nfailure_rate = 2.0\n",
+            "faults.payment.failure_rate",
+        ),
+    ] {
+        std::fs::write(dir.path().join("eventyr.toml"), config).expect("config");
+        let refused = common::run(dir.path(), &["up", "--listen", "127.0.0.1:0"]).await;
+        let stderr = common::text(&refused.stderr);
+        assert!(!refused.status.success(), "{stderr}");
+        assert!(stderr.contains(error), "{stderr}");
+    }
+}
