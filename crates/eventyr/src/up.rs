@@ -851,6 +851,14 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
     let addresses = start(&config.data_dir, args.listen, config, mode, stopped).await?;
     println!("eventyr is up ({}).", config.data_dir.display());
     println!("public API on http://{}", addresses.public);
+    let mode_name = match mode {
+        SagaMode::Orchestrated => "orchestrated",
+        SagaMode::Choreographed => "choreographed",
+    };
+    println!(
+        "sagas of new orders: {mode_name} (see http://{0}/admin/sagas and http://{0}/admin/flows)",
+        addresses.public
+    );
     for (service, address) in &addresses.services {
         println!("  {service:<13} steps on http://{address}");
     }
