@@ -1,0 +1,392 @@
+//! The gateway's configuration as written (TOML), and its check: every mistake is
+//! reported with the key it is at, before anything starts.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//!
+//! [[clusters]]
+//! name = "orders"
+//! balance = "round_robin"          # weighted_round_robin, least_request, peak_ewma,
+//!                                  # hash_header (with hash_header = "x-user-id"), hash_client_ip
+//! endpoints = [{ url = "http://127.0.0.1:9001" }, { url = "http://127.0.0.1:9002", weight = 3 }]
+//!
+//! [[routes]]
+//! name = "orders-canary"
+//! path = { prefix = "/api/orders" }
+//! headers = { x-canary = "true" }
+//! cluster = "orders-v2"
+//!
+//! [[routes]]
+//! name = "orders"
+//! host = "api.example.com"
+//! path = { template = "/api/orders/{id}" }
+//! methods = ["GET"]
+//! rewrite = { replace = "/orders/{id}" }
+//! split = [{ cluster = "orders", weight = 90 }, { cluster = "orders-v2", weight = 10 }]
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Where the gateway listens. Default 127.0.0.1:8080.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub clusters: Vec<ClusterConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+
+/// A set of interchangeable endpoints.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    #[serde(default)]
+    pub balance: BalanceKind,
+    /// The header whose value is hashed (`balance = "hash_header"`).
+    pub hash_header: Option<String>,
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// `http://host:port`.
+    pub url: String,
+    /// Its share in weighted balancing. Default 1.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How a cluster picks an endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceKind {
+    #[default]
+    RoundRobin,
+    /// Smooth and deterministic (nginx's): weights 5, 1, 1 give a a b a c a a.
+    WeightedRoundRobin,
+    /// The endpoint with the fewest requests under way.
+    LeastRequest,
+    /// Two endpoints at random; the one with the lower peak-EWMA latency × load.
+    PeakEwma,
+    /// Maglev consistent hashing on a header's value.
+    HashHeader,
+    /// Maglev consistent hashing on the client's address.
+    HashClientIp,
+}
+
+/// One route: what it matches, where it goes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Higher first; among equal priorities the more specific route wins (exact path,
+    /// then template, then the longest prefix; then more conditions), then the first.
+    #[serde(default)]
+    pub priority: i32,
+    /// `api.example.com`, or `*.example.com` for any subdomain. Absent: any host.
+    pub host: Option<String>,
+    pub path: PathConfig,
+    /// Absent: any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Headers that must have these values (`"*"`: present, any value).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub rewrite: Option<RewriteConfig>,
+    /// The one cluster, or `split`.
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub split: Vec<SplitConfig>,
+}
+
+/// How a route matches the path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PathConfig {
+    Exact(String),
+    /// At a segment boundary: `/api` matches `/api` and `/api/x`, not `/apix`.
+    Prefix(String),
+    /// Segments, `{name}` taking one segment, a final `{*name}` the rest.
+    Template(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RewriteConfig {
+    /// Removes this prefix from the path (`/api/orders/1` → `/orders/1`).
+    StripPrefix(String),
+    /// The new path, a template filled with the route's parameters.
+    Replace(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitConfig {
+    pub cluster: String,
+    pub weight: u32,
+}
+
+/// A configuration that cannot run, at the key that says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn error(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl GatewayConfig {
+    /// Reads and checks a configuration.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| {
+            let key = e.span().map_or_else(String::new, |s| format!("at {s:?}"));
+            error(key, e.message().to_owned())
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Every rule a configuration must keep.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut clusters = HashSet::new();
+        for (i, cluster) in self.clusters.iter().enumerate() {
+            let key = format!("clusters[{i}]");
+            if !valid_name(&cluster.name) {
+                return Err(error(format!("{key}.name"), NAME_RULE));
+            }
+            if !clusters.insert(cluster.name.as_str()) {
+                return Err(error(format!("{key}.name"), "appears twice"));
+            }
+            if cluster.endpoints.is_empty() {
+                return Err(error(format!("{key}.endpoints"), "at least one endpoint"));
+            }
+            for (j, endpoint) in cluster.endpoints.iter().enumerate() {
+                let key = format!("{key}.endpoints[{j}]");
+                if parse_url(&endpoint.url).is_none() {
+                    return Err(error(
+                        format!("{key}.url"),
+                        "http://host:port, with an optional path and nothing else",
+                    ));
+                }
+                if endpoint.weight == 0 || endpoint.weight > 1_000 {
+                    return Err(error(format!("{key}.weight"), "1 to 1000"));
+                }
+            }
+            let wants_header = cluster.balance == BalanceKind::HashHeader;
+            if wants_header != cluster.hash_header.is_some() {
+                return Err(error(
+                    format!("{key}.hash_header"),
+                    "given exactly when balance = \"hash_header\"",
+                ));
+            }
+        }
+        let mut routes = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if !valid_name(&route.name) {
+                return Err(error(format!("{key}.name"), NAME_RULE));
+            }
+            if !routes.insert(route.name.as_str()) {
+                return Err(error(format!("{key}.name"), "appears twice"));
+            }
+            crate::route::PathPattern::parse(&route.path)
+                .map_err(|message| error(format!("{key}.path"), message))?;
+            for method in &route.methods {
+                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(error(
+                        format!("{key}.methods"),
+                        "upper-case methods, e.g. GET",
+                    ));
+                }
+            }
+            match (&route.cluster, route.split.is_empty()) {
+                (Some(cluster), true) if !clusters.contains(cluster.as_str()) => {
+                    return Err(error(
+                        format!("{key}.cluster"),
+                        format!("no cluster {cluster}"),
+                    ));
+                }
+                (Some(_), true) => {}
+                (None, false) => {
+                    for (j, split) in route.split.iter().enumerate() {
+                        if !clusters.contains(split.cluster.as_str()) {
+                            return Err(error(
+                                format!("{key}.split[{j}].cluster"),
+                                format!("no cluster {}", split.cluster),
+                            ));
+                        }
+                    }
+                    if route.split.iter().all(|s| s.weight == 0) {
+                        return Err(error(format!("{key}.split"), "some weight above 0"));
+                    }
+                }
+                _ => {
+                    return Err(error(
+                        format!("{key}.cluster"),
+                        "either cluster or split, not both, not neither",
+                    ));
+                }
+            }
+            if let Some(RewriteConfig::Replace(template)) = &route.rewrite {
+                let names = crate::route::PathPattern::parse(&route.path)
+                    .map(|p| p.parameters())
+                    .unwrap_or_default();
+                for name in crate::route::template_names(template) {
+                    if !names.contains(&name) {
+                        return Err(error(
+                            format!("{key}.rewrite.replace"),
+                            format!("{{{name}}} is not a parameter of the path"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+const NAME_RULE: &str = "1 to 64 of a-z, 0-9, '-' and '_'";
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// `http://host:port[/path]` → (authority, base path).
+pub fn parse_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let (host, port) = authority.rsplit_once(':')?;
+    let valid_host = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    let valid_path = path
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+    (valid_host && port.parse::<u16>().is_ok_and(|p| p > 0) && valid_path)
+        .then(|| (authority.to_owned(), path.trim_end_matches('/').to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[clusters]]
+        name = "orders"
+        endpoints = [{ url = "http://127.0.0.1:9001" }, { url = "http://127.0.0.1:9002", weight = 3 }]
+
+        [[clusters]]
+        name = "orders-v2"
+        balance = "hash_header"
+        hash_header = "x-user-id"
+        endpoints = [{ url = "http://127.0.0.1:9003/v2" }]
+
+        [[routes]]
+        name = "orders"
+        path = { template = "/api/orders/{id}" }
+        rewrite = { replace = "/orders/{id}" }
+        split = [{ cluster = "orders", weight = 90 }, { cluster = "orders-v2", weight = 10 }]
+    "#;
+
+    #[test]
+    fn a_good_configuration_reads() {
+        let config = GatewayConfig::parse(GOOD).expect("valid");
+        assert_eq!(config.listen, "127.0.0.1:8080");
+        assert_eq!(config.clusters[0].endpoints[0].weight, 1);
+        assert_eq!(config.clusters[1].balance, BalanceKind::HashHeader);
+        assert_eq!(config.routes[0].split.len(), 2);
+    }
+
+    #[test]
+    fn mistakes_name_their_key() {
+        let cases = [
+            (
+                GOOD.replace("orders-v2\"\n        balance", "orders\"\n        balance"),
+                "clusters[1].name",
+            ),
+            (
+                GOOD.replace("http://127.0.0.1:9002", "https://x"),
+                "clusters[0].endpoints[1].url",
+            ),
+            (
+                GOOD.replace("weight = 3", "weight = 0"),
+                "clusters[0].endpoints[1].weight",
+            ),
+            (
+                GOOD.replace("hash_header = \"x-user-id\"", ""),
+                "clusters[1].hash_header",
+            ),
+            (
+                GOOD.replace(
+                    "{ cluster = \"orders\", weight = 90 }",
+                    "{ cluster = \"nope\", weight = 90 }",
+                ),
+                "routes[0].split[0].cluster",
+            ),
+            (
+                GOOD.replace("\"/orders/{id}\"", "\"/orders/{order}\""),
+                "routes[0].rewrite.replace",
+            ),
+            (
+                GOOD.replace("\"/api/orders/{id}\"", "\"api/orders\""),
+                "routes[0].path",
+            ),
+        ];
+        for (text, key) in cases {
+            let error = GatewayConfig::parse(&text).expect_err(key);
+            assert_eq!(error.key, key, "{error}");
+        }
+        let unknown = GatewayConfig::parse("colour = 1").expect_err("unknown key");
+        assert!(unknown.message.contains("colour"), "{unknown}");
+    }
+
+    #[test]
+    fn endpoint_urls_are_plain_http_with_a_port() {
+        assert_eq!(
+            parse_url("http://127.0.0.1:9001/base/"),
+            Some(("127.0.0.1:9001".into(), "/base".into()))
+        );
+        assert_eq!(
+            parse_url("http://host:80"),
+            Some(("host:80".into(), String::new()))
+        );
+        for bad in [
+            "http://host",
+            "http://:80",
+            "https://h:1",
+            "http://h:0",
+            "http://h:1/a?b",
+        ] {
+            assert_eq!(parse_url(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The API gateway (issue 7, under way): the single entry point of the system, and a
+//! product that runs on its own in front of any HTTP services.
+//!
+//! Built so far, pure and tested on their own:
+//! - [`config`]: the gateway's configuration (routes, clusters), read from TOML and
+//!   checked once, with the key of every mistake.
+//! - [`route`]: the route table: a request's host, path (exact, prefix, template with
+//!   parameters), method and headers pick a route by priority and specificity; its
+//!   path is rewritten; a weighted split picks the upstream cluster.
+//! - [`balance`]: the load balancers of a cluster: round robin, smooth weighted round
+//!   robin, least outstanding requests, power of two choices on peak-EWMA latency, and
+//!   Maglev consistent hashing on a header or the client address.
+//!
+//! Next: the proxy (hyper, streaming, forwarded headers, request id, traceparent,
+//! retry of a failed connection on another endpoint), health checks and outlier
+//! ejection, and the tower layers of the issue, in one visible order.
+
+pub mod balance;
+pub mod config;
+pub mod route;
