@@ -11,10 +11,17 @@
 //!   robin, least outstanding requests, power of two choices on peak-EWMA latency, and
 //!   Maglev consistent hashing on a header or the client address.
 //!
-//! Next: the proxy (hyper, streaming, forwarded headers, request id, traceparent,
-//! retry of a failed connection on another endpoint), health checks and outlier
-//! ejection, and the tower layers of the issue, in one visible order.
+//! - [`proxy`]: the proxy on hyper (HTTP/1.1 with keep-alive to clients and
+//!   upstreams, bodies streamed): route, split, endpoint,
+//!   forwarded headers, request id, a traceparent for the gateway's hop, one more
+//!   endpoint after a failed connection; `serve` with graceful shutdown.
+//!
+//! Next: health checks and outlier ejection, the tower layers of the issue in one
+//! visible order (request id → access log → CORS → authentication → authorization →
+//! rate limit → cache → circuit breaker / retries / timeout → proxy), h2c, WebSocket
+//! upgrades, the rest.
 
 pub mod balance;
 pub mod config;
+pub mod proxy;
 pub mod route;

@@ -23,7 +23,8 @@ pub struct Cli {
 /// the file, which wins over the default.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
-    /// Configuration file. Default: ./eventyr.toml when it exists.
+    /// Configuration file. Default: ./eventyr.toml when it exists (for `gateway`: the
+    /// gateway's own, default ./gateway.toml).
     #[arg(long, global = true, env = "EVENTYR_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where embedded data lives. Default: ./eventyr-data.
@@ -59,6 +60,13 @@ pub enum Command {
     /// Run the reference system: six services, the saga engine and the public API, in
     /// this process, with storage under the data directory.
     Up(UpArgs),
+    /// Run the API gateway alone, in front of any HTTP services: routes and clusters
+    /// from `--config` (default ./gateway.toml; see the eventyr-gateway crate).
+    Gateway {
+        /// Where to listen, instead of the file's `listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Drive orders through the public API of a running `eventyr up`, wait for every
     /// saga, reconcile, and print outcomes, latency and throughput.
     Demo(DemoArgs),

@@ -9,6 +9,7 @@ mod config;
 mod demo;
 mod dlq;
 mod events;
+mod gateway;
 mod output;
 mod projection;
 mod reconcile;
@@ -45,10 +46,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // The gateway's --config is its own file, not eventyr.toml: nothing else to load.
+    if let Command::Gateway { listen } = cli.command {
+        return gateway::run(&gateway::file(&cli.global), listen).await;
+    }
     let config = config::Config::load(&cli.global)?;
     match cli.command {
         Command::Up(args) => up::up(&config, args).await,
         Command::Demo(args) => demo::run(&config, args).await,
+        Command::Gateway { listen } => gateway::run(&gateway::file(&cli.global), listen).await,
         Command::Reconcile { json } => reconcile::run(&config, json).await,
         Command::Events { command } => match command {
             EventsCommand::Append(args) => events::append(&config, args).await,

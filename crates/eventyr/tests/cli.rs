@@ -389,3 +389,73 @@ fn store_benchmark_command_runs() {
         "the sqlite run wrote and read events"
     );
 }
+
+/// `eventyr gateway`: serves its configuration on its own (a route to a dead upstream
+/// answers 502, an unknown path 404, both as the JSON error body); an invalid
+/// configuration is refused with the key at fault.
+#[test]
+fn the_gateway_runs_on_its_own_and_refuses_a_bad_configuration() {
+    let dir = tempfile::tempdir().expect("dir");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = dead.local_addr().expect("address").port();
+    drop(dead);
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[clusters]]\nname = \"shop\"\nendpoints = [{{ url = \"http://127.0.0.1:{port}\" }}]\n\n\
+             [[routes]]\nname = \"api\"\npath = {{ prefix = \"/api\" }}\ncluster = \"shop\"\n"
+        ),
+    )
+    .expect("write");
+    let mut gateway = eventyr(dir.path())
+        .args(["gateway", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let mut lines = BufReader::new(gateway.stdout.take().expect("stdout")).lines();
+    let line = lines.next().expect("a line").expect("text");
+    let url = line
+        .strip_prefix("eventyr gateway on ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the address")
+        .to_owned();
+    let get = |path: &str| -> (u16, Value) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let response = reqwest::get(format!("{url}{path}")).await.expect("send");
+            let status = response.status().as_u16();
+            (status, response.json().await.expect("json"))
+        })
+    };
+    let (status, body) = get("/api/orders");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("bad_gateway")),
+        "{body}"
+    );
+    let (status, body) = get("/elsewhere");
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("no_route")),
+        "{body}"
+    );
+    gateway.kill().expect("stop");
+    gateway.wait().expect("reaped");
+
+    std::fs::write(
+        &config,
+        "[[routes]]\nname = \"api\"\npath = { prefix = \"/api\" }\ncluster = \"nope\"\n",
+    )
+    .expect("write");
+    let refused = run(eventyr(dir.path()).args(["gateway"]));
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("routes[0].cluster: no cluster nope"),
+        "{}",
+        stderr(&refused)
+    );
+}

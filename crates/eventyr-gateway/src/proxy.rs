@@ -1,0 +1,454 @@
+//! The proxy: a request's route, cluster and endpoint, the request on its way upstream
+//! (path rewritten, hop-by-hop headers dropped, `X-Request-ID`, `X-Forwarded-For`,
+//! `-Proto`, `-Host` and a W3C `traceparent` for the gateway's hop), the answer on its
+//! way back, bodies streamed both ways. (Upgrades — WebSocket — are not passed through
+//! yet.)
+//!
+//! A request whose connection to the endpoint fails is sent once more to another
+//! endpoint of the cluster — when it can be: without a body, or with a small one
+//! (≤ 64 KiB, buffered for the purpose); a larger body streams and is not retried.
+//! Errors are the JSON error body: 404 `no_route`, 503 `no_healthy_upstream`, 502
+//! `bad_gateway`, 504 `upstream_timeout`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::balance::Balancer;
+use crate::config::{BalanceKind, GatewayConfig, parse_url};
+use crate::route::{RequestHead, RouteTable};
+
+/// The body of everything the gateway answers.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Bodies up to this size are buffered so that a failed connection can be retried.
+const RETRY_BODY_MAX: u64 = 64 * 1024;
+
+/// How long an upstream may take to answer, unless a route says otherwise.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Headers that concern one connection only (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// A cluster: its balancer, each endpoint's authority and base path, and what its
+/// hashing balancer hashes.
+struct Cluster {
+    balancer: Balancer,
+    endpoints: Vec<(String, String)>,
+    hash_header: Option<HeaderName>,
+    hash_client_ip: bool,
+}
+
+/// The running proxy of one configuration.
+pub struct Proxy {
+    table: RouteTable,
+    clusters: HashMap<String, Cluster>,
+    client: Client<HttpConnector, Body>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("routes", &self.table.order())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// The proxy of a checked configuration (`GatewayConfig::check`).
+    pub fn new(config: &GatewayConfig) -> Self {
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| {
+                let endpoints: Vec<(String, String)> = c
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| parse_url(&e.url))
+                    .collect();
+                let weighted: Vec<(String, u32)> = c
+                    .endpoints
+                    .iter()
+                    .zip(&endpoints)
+                    .map(|(e, (authority, _))| (authority.clone(), e.weight))
+                    .collect();
+                let cluster = Cluster {
+                    balancer: Balancer::new(c.balance, &weighted),
+                    endpoints,
+                    hash_header: c
+                        .hash_header
+                        .as_deref()
+                        .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+                    hash_client_ip: c.balance == BalanceKind::HashClientIp,
+                };
+                (c.name.clone(), cluster)
+            })
+            .collect();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Self {
+            table: RouteTable::new(config),
+            clusters,
+            client,
+        }
+    }
+
+    /// Proxies one request from `client` (the peer's address).
+    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+        let request_id = request_id(request.headers());
+        let mut response = self.forward(request, client, &request_id).await;
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        response
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        client: SocketAddr,
+        request_id: &str,
+    ) -> Response<Body> {
+        let (parts, body) = request.into_parts();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        let routed = {
+            let lookup = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+            let head = RequestHead {
+                host: host.as_deref(),
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                header: &lookup,
+            };
+            self.table.find(&head).map(|m| {
+                (
+                    m.upstream_path.clone(),
+                    m.cluster(fastrand::f64()).to_owned(),
+                )
+            })
+        };
+        let Some((upstream_path, cluster_name)) = routed else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                format!("no route for {} {}", parts.method, parts.uri.path()),
+            );
+        };
+        let Some(cluster) = self.clusters.get(&cluster_name) else {
+            return error(StatusCode::BAD_GATEWAY, "bad_gateway", "no such cluster");
+        };
+        let key = if cluster.hash_client_ip {
+            Some(client.ip().to_string())
+        } else {
+            cluster
+                .hash_header
+                .as_ref()
+                .and_then(|h| parts.headers.get(h))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let path_and_query = match parts.uri.query() {
+            Some(query) => format!("{upstream_path}?{query}"),
+            None => upstream_path,
+        };
+        let headers = upstream_headers(&parts.headers, host.as_deref(), client, request_id);
+
+        // A small body is kept, so that a failed connection can be tried elsewhere.
+        let length = body_length(&parts.headers);
+        let retryable = length.is_some_and(|n| n <= RETRY_BODY_MAX);
+        let mut streamed = Some(body);
+        let buffered = if retryable {
+            match streamed.take().map(BodyExt::collect) {
+                Some(collect) => match collect.await {
+                    Ok(collected) => Some(collected.to_bytes()),
+                    Err(e) => {
+                        return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+                    }
+                },
+                None => None,
+            }
+        } else {
+            None
+        };
+
+        let mut tried = Vec::new();
+        loop {
+            let Some(i) = cluster.balancer.pick(key.as_deref(), &tried) else {
+                return if tried.is_empty() {
+                    error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_healthy_upstream",
+                        "no healthy endpoint in the cluster",
+                    )
+                } else {
+                    error(
+                        StatusCode::BAD_GATEWAY,
+                        "bad_gateway",
+                        "cannot connect to the upstream",
+                    )
+                };
+            };
+            tried.push(i);
+            let (authority, base) = &cluster.endpoints[i];
+            let uri: Uri = match format!("http://{authority}{base}{path_and_query}").parse() {
+                Ok(uri) => uri,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+            };
+            let body: Body = match (&buffered, streamed.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
+                (None, Some(body)) => body.boxed(),
+                (None, None) => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+            };
+            let mut upstream = Request::new(body);
+            *upstream.method_mut() = parts.method.clone();
+            *upstream.uri_mut() = uri;
+            *upstream.headers_mut() = headers.clone();
+            let in_flight = cluster.balancer.start(i);
+            let answer =
+                tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(upstream)).await;
+            match answer {
+                Ok(Ok(response)) => {
+                    if let Some(in_flight) = in_flight {
+                        in_flight.finish();
+                    }
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    return Response::from_parts(parts, body.boxed());
+                }
+                // Nothing reached the endpoint: another one may take it, once.
+                Ok(Err(e)) if e.is_connect() && retryable && tried.len() < 2 => {
+                    tracing::debug!(endpoint = %authority, error = %e, "connect failed; trying another endpoint");
+                }
+                Ok(Err(e)) => {
+                    return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string());
+                }
+                Err(_) => {
+                    return error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        format!("no answer within {UPSTREAM_TIMEOUT:?}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The request's body length if it is known: 0 without a body, the Content-Length,
+/// or None (chunked: streamed).
+fn body_length(headers: &HeaderMap) -> Option<u64> {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    match headers.get(header::CONTENT_LENGTH) {
+        None => Some(0),
+        Some(value) => value.to_str().ok()?.parse().ok(),
+    }
+}
+
+/// The client's `X-Request-ID` if it is a sensible one (1 to 200 visible characters),
+/// else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// The headers upstream: the client's, less the hop-by-hop ones, plus the gateway's.
+fn upstream_headers(
+    incoming: &HeaderMap,
+    host: Option<&str>,
+    client: SocketAddr,
+    request_id: &str,
+) -> HeaderMap {
+    let mut headers = incoming.clone();
+    strip_hop_by_hop(&mut headers);
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(chain) => format!("{chain}, {}", client.ip()),
+        None => client.ip().to_string(),
+    };
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    };
+    set("x-forwarded-for", &forwarded_for);
+    set("x-forwarded-proto", "http");
+    if let Some(host) = host {
+        set("x-forwarded-host", host);
+    }
+    set("x-request-id", request_id);
+    let parent = incoming
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    set("traceparent", &gateway_span(parent));
+    headers
+}
+
+/// (trace id, flags) of a valid W3C traceparent (version 00).
+fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match parts.as_slice() {
+        [version, trace, parent, flags]
+            if *version == "00"
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+                && trace.bytes().any(|b| b != b'0')
+                && parent.bytes().any(|b| b != b'0') =>
+        {
+            Some((trace.to_ascii_lowercase(), flags.to_ascii_lowercase()))
+        }
+        _ => None,
+    }
+}
+
+/// The traceparent of the gateway's own span: the caller's trace (or a new one,
+/// sampled), a new span id.
+fn gateway_span(parent: Option<(String, String)>) -> String {
+    let (trace, flags) = parent.unwrap_or_else(|| {
+        (
+            format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(1..)),
+            "01".to_owned(),
+        )
+    });
+    let span = format!("{:016x}", fastrand::u64(1..));
+    format!("00-{trace}-{span}-{flags}")
+}
+
+/// The JSON error body.
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    let body = serde_json::json!({ "error": code, "message": message.into() }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Serves `proxy` on `listener` until `shutdown` completes, then lets the requests
+/// under way finish (at most `grace`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    proxy: Arc<Proxy>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let proxy = Arc::clone(&proxy);
+                let service = hyper::service::service_fn(move |request| {
+                    let proxy = Arc::clone(&proxy);
+                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "a client connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_continued_or_begun() {
+        let parent = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let span = gateway_span(parent);
+        assert!(
+            span.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{span}"
+        );
+        assert!(!span.contains("00f067aa0ba902b7"), "a new span id");
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad}");
+        }
+        let begun = gateway_span(None);
+        assert!(parse_traceparent(&begun).is_some(), "{begun}");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_stay_behind() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-kept"));
+    }
+}

@@ -1,0 +1,216 @@
+//! The proxy in front of real upstreams on 127.0.0.1: routing and rewriting, the
+//! headers it adds, request ids and traceparents kept or begun, round robin over a
+//! cluster with a dead endpoint (each failed connection tried once elsewhere), header
+//! routing to a canary, and the JSON error for a path no route takes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::routing::any;
+use eventyr_gateway::config::GatewayConfig;
+use eventyr_gateway::proxy::{Proxy, serve};
+use serde_json::{Value, json};
+
+/// An upstream that answers with what it saw.
+async fn upstream(name: &'static str) -> String {
+    async fn echo(State(name): State<&'static str>, request: Request) -> axum::Json<Value> {
+        let (parts, body) = request.into_parts();
+        let header = |h: &str| {
+            parts
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let seen = json!({
+            "upstream": name,
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "x-request-id": header("x-request-id"),
+            "x-forwarded-for": header("x-forwarded-for"),
+            "x-forwarded-host": header("x-forwarded-host"),
+            "x-forwarded-proto": header("x-forwarded-proto"),
+            "traceparent": header("traceparent"),
+            "x-secret": header("x-secret"),
+        });
+        let body = axum::body::to_bytes(body, 1 << 20)
+            .await
+            .unwrap_or_default();
+        let mut seen = seen;
+        seen["body"] = json!(String::from_utf8_lossy(&body));
+        axum::Json(seen)
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let app = Router::new().fallback(any(echo)).with_state(name);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{address}")
+}
+
+/// A port nothing listens on.
+async fn dead() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    drop(listener);
+    format!("http://{address}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_routes_rewrites_forwards_and_tries_another_endpoint() {
+    let (a, b, gone) = (upstream("a").await, upstream("b").await, dead().await);
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [[clusters]]
+        name = "shop"
+        endpoints = [{{ url = "{a}" }}, {{ url = "{gone}" }}, {{ url = "{b}" }}]
+
+        [[clusters]]
+        name = "canary"
+        endpoints = [{{ url = "{b}" }}]
+
+        [[routes]]
+        name = "api"
+        path = {{ prefix = "/api" }}
+        rewrite = {{ strip_prefix = "/api" }}
+        cluster = "shop"
+
+        [[routes]]
+        name = "api-canary"
+        path = {{ prefix = "/api" }}
+        headers = {{ x-canary = "true" }}
+        rewrite = {{ strip_prefix = "/api" }}
+        cluster = "canary"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(5),
+    ));
+    let client = reqwest::Client::new();
+
+    // Rewritten, with the gateway's headers; hop-by-hop ones stay behind.
+    let response = client
+        .get(format!("{gateway}/api/orders/1?expand=lines"))
+        .header("connection", "x-secret")
+        .header("x-secret", "hop")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let id = response
+        .headers()
+        .get("x-request-id")
+        .expect("a request id")
+        .to_str()
+        .expect("text")
+        .to_owned();
+    let seen: Value = response.json().await.expect("json");
+    assert_eq!(seen["path"], "/orders/1");
+    assert_eq!(seen["query"], "expand=lines");
+    assert_eq!(seen["x-request-id"], id.as_str());
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert!(
+        seen["x-forwarded-host"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("127.0.0.1:"))
+    );
+    assert!(
+        seen["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("00-"))
+    );
+    assert_eq!(
+        seen["x-secret"],
+        Value::Null,
+        "named in Connection: hop-by-hop"
+    );
+
+    // The caller's request id and trace are kept; the gateway's hop is a new span.
+    let seen: Value = client
+        .get(format!("{gateway}/api/x"))
+        .header("x-request-id", "req-42")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(seen["x-request-id"], "req-42");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    let trace = seen["traceparent"].as_str().expect("traceparent");
+    assert!(
+        trace.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{trace}"
+    );
+    assert!(!trace.contains("00f067aa0ba902b7"), "{trace}");
+
+    // Round robin over a, (dead), b: every request answered, by both live ones.
+    let mut upstreams = HashSet::new();
+    for i in 0..30 {
+        let response = client
+            .post(format!("{gateway}/api/echo"))
+            .body(format!("body {i}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200, "request {i}");
+        let seen: Value = response.json().await.expect("json");
+        assert_eq!(seen["body"], format!("body {i}"));
+        upstreams.insert(seen["upstream"].as_str().expect("name").to_owned());
+    }
+    assert_eq!(upstreams, HashSet::from(["a".to_owned(), "b".to_owned()]));
+
+    // A header sends the request to the canary.
+    for _ in 0..5 {
+        let seen: Value = client
+            .get(format!("{gateway}/api/x"))
+            .header("x-canary", "true")
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(seen["upstream"], "b");
+    }
+
+    // No route: the JSON error body.
+    let response = client
+        .get(format!("{gateway}/elsewhere"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "no_route");
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("stops")
+        .expect("joined");
+}
