@@ -14,10 +14,10 @@
 //!   evenly, and when an endpoint leaves only its own keys move.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::BalanceKind;
+use crate::config::{BalanceKind, OutlierConfig};
 
 /// The Maglev table size: a prime well above 100 × the endpoints of any cluster.
 pub const MAGLEV_SLOTS: usize = 65_537;
@@ -38,6 +38,10 @@ pub struct Endpoint {
     healthy: AtomicBool,
     /// (estimate in nanoseconds, when it was last updated).
     ewma: Mutex<(f64, Instant)>,
+    /// Failed answers in a row (5xx, no connection).
+    failures: AtomicU32,
+    /// Times ejected so far, and until when it is out now.
+    ejection: Mutex<(u32, Option<Instant>)>,
 }
 
 impl Endpoint {
@@ -45,8 +49,20 @@ impl Endpoint {
         self.outstanding.load(Ordering::Relaxed)
     }
 
+    /// Healthy by the active checks (or without them).
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Taken out by outlier ejection until then.
+    pub fn ejected_until(&self) -> Option<Instant> {
+        lock(&self.ejection)
+            .1
+            .filter(|until| *until > Instant::now())
+    }
+
+    fn available(&self, now: Instant) -> bool {
+        self.healthy() && lock(&self.ejection).1.is_none_or(|until| until <= now)
     }
 
     /// The peak-EWMA latency estimate now.
@@ -78,6 +94,7 @@ pub struct Balancer {
     current: Mutex<Vec<i64>>,
     /// Maglev: the table for the last set of candidates it was built for.
     maglev: Mutex<Option<(Vec<usize>, Vec<u32>)>>,
+    outlier: OutlierConfig,
 }
 
 /// A request under way at an endpoint: finish it with its latency (or drop it, for a
@@ -131,12 +148,60 @@ impl Balancer {
                     outstanding: AtomicU64::new(0),
                     healthy: AtomicBool::new(true),
                     ewma: Mutex::new((DEFAULT_RTT.as_nanos() as f64, now)),
+                    failures: AtomicU32::new(0),
+                    ejection: Mutex::new((0, None)),
                 })
                 .collect(),
             turn: AtomicUsize::new(0),
             current: Mutex::new(vec![0; endpoints.len()]),
             maglev: Mutex::new(None),
+            outlier: OutlierConfig {
+                consecutive_failures: 0,
+                ..OutlierConfig::default()
+            },
         }
+    }
+
+    /// Ejects endpoints whose answers keep failing (off until set).
+    pub fn with_outlier(mut self, outlier: OutlierConfig) -> Self {
+        self.outlier = outlier;
+        self
+    }
+
+    /// Records how an endpoint answered: `ok` false for a 5xx or no connection.
+    /// Returns the ejection's end when this answer ejects it.
+    pub fn report(&self, i: usize, ok: bool) -> Option<Instant> {
+        let endpoint = self.endpoints.get(i)?;
+        if ok {
+            endpoint.failures.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let failures = endpoint.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let policy = &self.outlier;
+        if policy.consecutive_failures == 0 || failures < policy.consecutive_failures {
+            return None;
+        }
+        let now = Instant::now();
+        let out_now = self
+            .endpoints
+            .iter()
+            .filter(|e| lock(&e.ejection).1.is_some_and(|until| until > now))
+            .count();
+        let allowed = (self.endpoints.len() * policy.max_ejected_percent as usize / 100).max(1);
+        let mut ejection = lock(&endpoint.ejection);
+        if ejection.1.is_some_and(|until| until > now) || out_now >= allowed {
+            return None;
+        }
+        ejection.0 += 1;
+        let time = policy
+            .base_ejection
+            .saturating_mul(ejection.0)
+            .min(policy.max_ejection);
+        let until = now + time;
+        ejection.1 = Some(until);
+        endpoint.failures.store(0, Ordering::Relaxed);
+        tracing::warn!(endpoint = %endpoint.address, ejected_for = ?time, times = ejection.0, "endpoint ejected: its answers keep failing");
+        Some(until)
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
@@ -164,8 +229,9 @@ impl Balancer {
     /// value, the client's address); `avoid` the endpoints already tried. None: no
     /// healthy endpoint is left.
     pub fn pick(&self, key: Option<&str>, avoid: &[usize]) -> Option<usize> {
+        let now = Instant::now();
         let candidates: Vec<usize> = (0..self.endpoints.len())
-            .filter(|i| self.endpoints[*i].healthy() && !avoid.contains(i))
+            .filter(|i| self.endpoints[*i].available(now) && !avoid.contains(i))
             .collect();
         if candidates.is_empty() {
             return None;
@@ -397,6 +463,52 @@ mod tests {
         assert!(
             moved < keys.len() / 20,
             "{moved} keys of staying endpoints moved"
+        );
+    }
+
+    #[test]
+    fn failing_endpoints_are_ejected_for_growing_times_within_the_cap() {
+        let outlier = OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_millis(60),
+            max_ejection: Duration::from_millis(100),
+            max_ejected_percent: 50,
+        };
+        let b = balancer(BalanceKind::RoundRobin, &[1, 1, 1]).with_outlier(outlier);
+        assert_eq!(b.report(0, false), None);
+        b.report(0, true);
+        assert_eq!(b.report(0, false), None, "a success starts the count again");
+        assert_eq!(b.report(0, false), None);
+        let until = b
+            .report(0, false)
+            .expect("ejected on the third failure in a row");
+        assert!(until > Instant::now() + Duration::from_millis(40));
+        assert!((0..6).all(|_| b.pick(None, &[]) != Some(0)));
+        for _ in 0..3 {
+            b.report(1, false);
+        }
+        assert_eq!(
+            b.endpoints()[1].ejected_until(),
+            None,
+            "at most half of three: one"
+        );
+        std::thread::sleep(Duration::from_millis(70));
+        assert!(
+            (0..6).any(|_| b.pick(None, &[]) == Some(0)),
+            "back after its time"
+        );
+        for _ in 0..2 {
+            b.report(0, false);
+        }
+        let second = b.report(0, false).expect("ejected again");
+        let time = second.duration_since(Instant::now());
+        assert!(
+            time > Duration::from_millis(80),
+            "longer the second time: {time:?}"
+        );
+        assert!(
+            time <= Duration::from_millis(100),
+            "never above the maximum: {time:?}"
         );
     }
 }

@@ -9,6 +9,8 @@
 //! balance = "round_robin"          # weighted_round_robin, least_request, peak_ewma,
 //!                                  # hash_header (with hash_header = "x-user-id"), hash_client_ip
 //! endpoints = [{ url = "http://127.0.0.1:9001" }, { url = "http://127.0.0.1:9002", weight = 3 }]
+//! health = { path = "/health/ready", interval = "30s", timeout = "5s" }
+//! outlier = { consecutive_failures = 5, base_ejection = "30s", max_ejection = "5m" }
 //!
 //! [[routes]]
 //! name = "orders-canary"
@@ -26,6 +28,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -56,6 +59,101 @@ pub struct ClusterConfig {
     /// The header whose value is hashed (`balance = "hash_header"`).
     pub hash_header: Option<String>,
     pub endpoints: Vec<EndpointConfig>,
+    /// Active health checks; absent: none (endpoints count as healthy).
+    pub health: Option<HealthConfig>,
+    /// Passive outlier ejection; on by default.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+}
+
+/// Active health checks: `GET path` on each endpoint every `interval`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Default `/health/ready`.
+    #[serde(default = "health_path")]
+    pub path: String,
+    /// Default 30 s.
+    #[serde(default = "thirty_seconds", with = "humantime_serde_lite")]
+    pub interval: Duration,
+    /// Default 5 s.
+    #[serde(default = "five_seconds", with = "humantime_serde_lite")]
+    pub timeout: Duration,
+    /// Successes in a row that make an unhealthy endpoint healthy. Default 2.
+    #[serde(default = "two")]
+    pub healthy_threshold: u32,
+    /// Failures in a row that make a healthy endpoint unhealthy. Default 3.
+    #[serde(default = "three")]
+    pub unhealthy_threshold: u32,
+}
+
+/// Passive outlier ejection: an endpoint whose answers fail `consecutive_failures`
+/// times in a row (a 5xx, or no connection) is taken out for `base_ejection` × the
+/// times it has been ejected, at most `max_ejection`; at most `max_ejected_percent`
+/// of a cluster is out at once (at least one endpoint may be).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Default 5; 0 turns ejection off.
+    #[serde(default = "five")]
+    pub consecutive_failures: u32,
+    /// Default 30 s.
+    #[serde(default = "thirty_seconds", with = "humantime_serde_lite")]
+    pub base_ejection: Duration,
+    /// Default 300 s.
+    #[serde(default = "five_minutes", with = "humantime_serde_lite")]
+    pub max_ejection: Duration,
+    /// Default 50.
+    #[serde(default = "fifty")]
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: five(),
+            base_ejection: thirty_seconds(),
+            max_ejection: five_minutes(),
+            max_ejected_percent: fifty(),
+        }
+    }
+}
+
+fn health_path() -> String {
+    "/health/ready".to_owned()
+}
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+fn five_minutes() -> Duration {
+    Duration::from_secs(300)
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u32 {
+    3
+}
+fn five() -> u32 {
+    5
+}
+fn fifty() -> u32 {
+    50
+}
+
+/// Durations written as humantime text ("30s", "1m 30s").
+mod humantime_serde_lite {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -193,6 +291,33 @@ impl GatewayConfig {
                 if endpoint.weight == 0 || endpoint.weight > 1_000 {
                     return Err(error(format!("{key}.weight"), "1 to 1000"));
                 }
+            }
+            if let Some(health) = &cluster.health {
+                let key = format!("{key}.health");
+                if !health.path.starts_with('/') {
+                    return Err(error(format!("{key}.path"), "a path, from '/'"));
+                }
+                if health.interval < Duration::from_millis(10) {
+                    return Err(error(format!("{key}.interval"), "at least 10ms"));
+                }
+                if health.timeout.is_zero() || health.timeout > health.interval {
+                    return Err(error(
+                        format!("{key}.timeout"),
+                        "above 0, at most the interval",
+                    ));
+                }
+                if health.healthy_threshold == 0 || health.unhealthy_threshold == 0 {
+                    return Err(error(
+                        format!("{key}.healthy_threshold"),
+                        "thresholds are at least 1",
+                    ));
+                }
+            }
+            if cluster.outlier.max_ejected_percent > 100 {
+                return Err(error(
+                    format!("{key}.outlier.max_ejected_percent"),
+                    "0 to 100",
+                ));
             }
             let wants_header = cluster.balance == BalanceKind::HashHeader;
             if wants_header != cluster.hash_header.is_some() {

@@ -16,12 +16,17 @@
 //!   forwarded headers, request id, a traceparent for the gateway's hop, one more
 //!   endpoint after a failed connection; `serve` with graceful shutdown.
 //!
-//! Next: health checks and outlier ejection, the tower layers of the issue in one
+//! - [`health`]: active health checks (interval, timeout, thresholds); with the
+//!   balancers' passive outlier ejection (failures in a row eject an endpoint for a
+//!   growing time).
+//!
+//! Next: the tower layers of the issue in one
 //! visible order (request id → access log → CORS → authentication → authorization →
 //! rate limit → cache → circuit breaker / retries / timeout → proxy), h2c, WebSocket
 //! upgrades, the rest.
 
 pub mod balance;
 pub mod config;
+pub mod health;
 pub mod proxy;
 pub mod route;

@@ -26,7 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::balance::Balancer;
-use crate::config::{BalanceKind, GatewayConfig, parse_url};
+use crate::config::{BalanceKind, GatewayConfig, HealthConfig, parse_url};
 use crate::route::{RequestHead, RouteTable};
 
 /// The body of everything the gateway answers.
@@ -57,6 +57,17 @@ struct Cluster {
     endpoints: Vec<(String, String)>,
     hash_header: Option<HeaderName>,
     hash_client_ip: bool,
+    health: Option<HealthConfig>,
+}
+
+/// An endpoint the active health checks watch.
+#[derive(Debug, Clone)]
+pub struct HealthTarget {
+    pub cluster: String,
+    pub endpoint: usize,
+    /// `http://host:port/base/path`.
+    pub url: String,
+    pub config: HealthConfig,
 }
 
 /// The running proxy of one configuration.
@@ -93,7 +104,8 @@ impl Proxy {
                     .map(|(e, (authority, _))| (authority.clone(), e.weight))
                     .collect();
                 let cluster = Cluster {
-                    balancer: Balancer::new(c.balance, &weighted),
+                    balancer: Balancer::new(c.balance, &weighted).with_outlier(c.outlier.clone()),
+                    health: c.health.clone(),
                     endpoints,
                     hash_header: c
                         .hash_header
@@ -115,6 +127,42 @@ impl Proxy {
             clusters,
             client,
         }
+    }
+
+    /// The endpoints with active health checks.
+    pub fn health_targets(&self) -> Vec<HealthTarget> {
+        let mut targets = Vec::new();
+        for (name, cluster) in &self.clusters {
+            let Some(config) = &cluster.health else {
+                continue;
+            };
+            for (i, (authority, base)) in cluster.endpoints.iter().enumerate() {
+                targets.push(HealthTarget {
+                    cluster: name.clone(),
+                    endpoint: i,
+                    url: format!("http://{authority}{base}{}", config.path),
+                    config: config.clone(),
+                });
+            }
+        }
+        targets
+    }
+
+    /// Sets an endpoint's health (the active checks' verdict).
+    pub fn set_healthy(&self, cluster: &str, endpoint: usize, healthy: bool) {
+        if let Some(cluster) = self.clusters.get(cluster) {
+            cluster.balancer.set_healthy(endpoint, healthy);
+        }
+    }
+
+    /// The balancer of a cluster (state for the admin API and tests).
+    pub fn balancer(&self, cluster: &str) -> Option<&Balancer> {
+        self.clusters.get(cluster).map(|c| &c.balancer)
+    }
+
+    /// The upstream client (the health checks use it too).
+    pub fn client(&self) -> &Client<HttpConnector, Body> {
+        &self.client
     }
 
     /// Proxies one request from `client` (the peer's address).
@@ -234,11 +282,18 @@ impl Proxy {
             let in_flight = cluster.balancer.start(i);
             let answer =
                 tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(upstream)).await;
+            if !matches!(answer, Ok(Ok(_))) {
+                // No answer (no connection, a timeout): a failure for outlier ejection.
+                cluster.balancer.report(i, false);
+            }
             match answer {
                 Ok(Ok(response)) => {
                     if let Some(in_flight) = in_flight {
                         in_flight.finish();
                     }
+                    cluster
+                        .balancer
+                        .report(i, !response.status().is_server_error());
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     return Response::from_parts(parts, body.boxed());

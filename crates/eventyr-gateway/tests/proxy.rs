@@ -214,3 +214,116 @@ async fn the_proxy_routes_rewrites_forwards_and_tries_another_endpoint() {
         .expect("stops")
         .expect("joined");
 }
+
+/// An upstream that fails everything, its health check included.
+async fn sick() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let app = Router::new().fallback(any(|| async {
+        (http::StatusCode::INTERNAL_SERVER_ERROR, "sick")
+    }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{address}")
+}
+
+/// Active checks take an endpoint whose health check fails out of its cluster;
+/// passive ejection takes out one whose answers fail, in a cluster without checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_endpoints_leave_their_cluster() {
+    let (well, ill) = (upstream("well").await, sick().await);
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [[clusters]]
+        name = "checked"
+        endpoints = [{{ url = "{well}" }}, {{ url = "{ill}" }}]
+        health = {{ interval = "50ms", timeout = "40ms", unhealthy_threshold = 2 }}
+        outlier = {{ consecutive_failures = 0 }}
+
+        [[clusters]]
+        name = "watched"
+        endpoints = [{{ url = "{well}" }}, {{ url = "{ill}" }}]
+        outlier = {{ consecutive_failures = 3, base_ejection = "10s" }}
+
+        [[routes]]
+        name = "checked"
+        path = {{ prefix = "/checked" }}
+        cluster = "checked"
+
+        [[routes]]
+        name = "watched"
+        path = {{ prefix = "/watched" }}
+        cluster = "watched"
+        "#
+    ))
+    .expect("valid config");
+    let proxy = Arc::new(Proxy::new(&config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::clone(&proxy),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    tokio::spawn(eventyr_gateway::health::run(
+        Arc::clone(&proxy),
+        futures_pending(),
+    ));
+    let client = reqwest::Client::new();
+
+    // Checked: two failed checks 50 ms apart take the sick one out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while proxy
+        .balancer("checked")
+        .is_some_and(|b| b.endpoints()[1].healthy())
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never unhealthy");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..10 {
+        let response = client
+            .get(format!("{gateway}/checked"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200);
+    }
+
+    // Watched: three 500s in a row eject the sick one; then every answer is good.
+    let mut failures = 0;
+    for _ in 0..6 {
+        let response = client
+            .get(format!("{gateway}/watched"))
+            .send()
+            .await
+            .expect("send");
+        if response.status() == 500 {
+            failures += 1;
+        }
+    }
+    assert_eq!(
+        failures, 3,
+        "round robin sends every other request there until it is out"
+    );
+    assert!(
+        proxy
+            .balancer("watched")
+            .is_some_and(|b| b.endpoints()[1].ejected_until().is_some())
+    );
+    for _ in 0..10 {
+        let response = client
+            .get(format!("{gateway}/watched"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200);
+    }
+}
+
+fn futures_pending() -> impl Future<Output = ()> + Send {
+    std::future::pending()
+}

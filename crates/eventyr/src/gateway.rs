@@ -41,10 +41,22 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
         config.routes.len(),
         config.clusters.len()
     );
-    let stop = async {
+    let proxy = Arc::new(Proxy::new(&config));
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let mut checks_stopped = stopped.clone();
+    let checks = tokio::spawn(eventyr_gateway::health::run(
+        Arc::clone(&proxy),
+        async move {
+            let _ = checks_stopped.wait_for(|s| *s).await;
+        },
+    ));
+    let stop = async move {
         let _ = tokio::signal::ctrl_c().await;
         println!("stopping");
+        let _ = stopping.send(true);
     };
-    serve(listener, Arc::new(Proxy::new(&config)), stop, GRACE).await;
+    serve(listener, proxy, stop, GRACE).await;
+    let _ = checks.await;
+    drop(stopped);
     Ok(())
 }
