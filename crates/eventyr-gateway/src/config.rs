@@ -154,6 +154,18 @@ mod humantime_serde_lite {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(&text).map_err(serde::de::Error::custom)
     }
+
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::Deserializer;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(deserializer).map(Some)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -207,6 +219,9 @@ pub struct RouteConfig {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     pub rewrite: Option<RewriteConfig>,
+    /// How long the upstream may take to answer, e.g. "5s". Default 30 s.
+    #[serde(default, with = "humantime_serde_lite::option")]
+    pub timeout: Option<Duration>,
     /// The one cluster, or `split`.
     pub cluster: Option<String>,
     #[serde(default)]
@@ -338,6 +353,12 @@ impl GatewayConfig {
             }
             crate::route::PathPattern::parse(&route.path)
                 .map_err(|message| error(format!("{key}.path"), message))?;
+            if route
+                .timeout
+                .is_some_and(|t| t.is_zero() || t > Duration::from_secs(3600))
+            {
+                return Err(error(format!("{key}.timeout"), "above 0, at most 1h"));
+            }
             for method in &route.methods {
                 if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
                     return Err(error(

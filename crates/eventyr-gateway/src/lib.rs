@@ -20,7 +20,10 @@
 //!   balancers' passive outlier ejection (failures in a row eject an endpoint for a
 //!   growing time).
 //!
-//! Next: the tower layers of the issue in one
+//! - [`stack`]: the middleware as tower layers in the issue's order, in one place:
+//!   request id, access log and metrics, route, timeout so far, around the proxy.
+//!
+//! Next: the other tower layers of the issue in one
 //! visible order (request id → access log → CORS → authentication → authorization →
 //! rate limit → cache → circuit breaker / retries / timeout → proxy), h2c, WebSocket
 //! upgrades, the rest.
@@ -30,3 +33,4 @@ pub mod config;
 pub mod health;
 pub mod proxy;
 pub mod route;
+pub mod stack;

@@ -27,16 +27,14 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::balance::Balancer;
 use crate::config::{BalanceKind, GatewayConfig, HealthConfig, parse_url};
-use crate::route::{RequestHead, RouteTable};
+use crate::route::RouteTable;
+use crate::stack::{ClientAddr, Routed};
 
 /// The body of everything the gateway answers.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Bodies up to this size are buffered so that a failed connection can be retried.
 const RETRY_BODY_MAX: u64 = 64 * 1024;
-
-/// How long an upstream may take to answer, unless a route says otherwise.
-const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Headers that concern one connection only (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
@@ -165,54 +163,42 @@ impl Proxy {
         &self.client
     }
 
-    /// Proxies one request from `client` (the peer's address).
-    pub async fn handle(&self, request: Request<Incoming>, client: SocketAddr) -> Response<Body> {
-        let request_id = request_id(request.headers());
-        let mut response = self.forward(request, client, &request_id).await;
-        if let Ok(value) = HeaderValue::from_str(&request_id) {
-            response.headers_mut().insert("x-request-id", value);
-        }
-        response
+    /// The route table (the route layer uses it).
+    pub fn routes(&self) -> &RouteTable {
+        &self.table
     }
 
-    async fn forward(
-        &self,
-        request: Request<Incoming>,
-        client: SocketAddr,
-        request_id: &str,
-    ) -> Response<Body> {
+    /// Proxies a request the route layer has routed ([`Routed`]), from the client in
+    /// its [`ClientAddr`], with the id the request-id layer gave it.
+    pub async fn forward(&self, request: Request<Incoming>) -> Response<Body> {
         let (parts, body) = request.into_parts();
+        let Some(routed) = parts.extensions.get::<Routed>().cloned() else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request reached the proxy without a route",
+            );
+        };
+        let client = parts
+            .extensions
+            .get::<ClientAddr>()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let host = parts
             .headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-        let routed = {
-            let lookup = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-            let head = RequestHead {
-                host: host.as_deref(),
-                method: parts.method.as_str(),
-                path: parts.uri.path(),
-                header: &lookup,
-            };
-            self.table.find(&head).map(|m| {
-                (
-                    m.upstream_path.clone(),
-                    m.cluster(fastrand::f64()).to_owned(),
-                )
-            })
-        };
-        let Some((upstream_path, cluster_name)) = routed else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "no_route",
-                format!("no route for {} {}", parts.method, parts.uri.path()),
-            );
-        };
-        let Some(cluster) = self.clusters.get(&cluster_name) else {
+        let Some(cluster) = self.clusters.get(&routed.cluster) else {
             return error(StatusCode::BAD_GATEWAY, "bad_gateway", "no such cluster");
         };
+        let upstream_path = routed.upstream_path.clone();
         let key = if cluster.hash_client_ip {
             Some(client.ip().to_string())
         } else {
@@ -227,7 +213,7 @@ impl Proxy {
             Some(query) => format!("{upstream_path}?{query}"),
             None => upstream_path,
         };
-        let headers = upstream_headers(&parts.headers, host.as_deref(), client, request_id);
+        let headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
 
         // A small body is kept, so that a failed connection can be tried elsewhere.
         let length = body_length(&parts.headers);
@@ -280,8 +266,7 @@ impl Proxy {
             *upstream.uri_mut() = uri;
             *upstream.headers_mut() = headers.clone();
             let in_flight = cluster.balancer.start(i);
-            let answer =
-                tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(upstream)).await;
+            let answer = tokio::time::timeout(routed.timeout, self.client.request(upstream)).await;
             if !matches!(answer, Ok(Ok(_))) {
                 // No answer (no connection, a timeout): a failure for outlier ejection.
                 cluster.balancer.report(i, false);
@@ -309,7 +294,7 @@ impl Proxy {
                     return error(
                         StatusCode::GATEWAY_TIMEOUT,
                         "upstream_timeout",
-                        format!("no answer within {UPSTREAM_TIMEOUT:?}"),
+                        format!("no answer within {:?}", routed.timeout),
                     );
                 }
             }
@@ -327,16 +312,6 @@ fn body_length(headers: &HeaderMap) -> Option<u64> {
         None => Some(0),
         Some(value) => value.to_str().ok()?.parse().ok(),
     }
-}
-
-/// The client's `X-Request-ID` if it is a sensible one (1 to 200 visible characters),
-/// else a new one.
-fn request_id(headers: &HeaderMap) -> String {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -440,6 +415,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stack = crate::stack::stack(proxy);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -447,10 +423,10 @@ pub async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
-                let proxy = Arc::clone(&proxy);
-                let service = hyper::service::service_fn(move |request| {
-                    let proxy = Arc::clone(&proxy);
-                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
+                let stack = stack.clone();
+                let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    request.extensions_mut().insert(ClientAddr(peer));
+                    tower::ServiceExt::oneshot(stack.clone(), request)
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)

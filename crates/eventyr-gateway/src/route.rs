@@ -9,6 +9,8 @@
 //! makes every configuration an ordering puzzle).
 
 use std::cmp::Reverse;
+use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{GatewayConfig, PathConfig, RewriteConfig};
 
@@ -172,10 +174,14 @@ pub struct RequestHead<'a> {
     pub header: &'a dyn Fn(&str) -> Option<&'a str>,
 }
 
+/// How long an upstream may take to answer unless its route says.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A route, compiled.
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub name: String,
+    pub name: Arc<str>,
+    pub timeout: Duration,
     priority: i32,
     host: Option<String>,
     path: PathPattern,
@@ -189,7 +195,8 @@ pub struct Route {
 /// A request's route, its parameters, and the path to send upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Matched<'a> {
-    pub route: &'a str,
+    pub route: &'a Arc<str>,
+    pub timeout: Duration,
     pub params: Vec<(String, String)>,
     pub upstream_path: String,
     clusters: &'a [(String, u32)],
@@ -241,7 +248,8 @@ impl RouteTable {
                 Some((
                     i,
                     Route {
-                        name: r.name.clone(),
+                        name: Arc::from(r.name.as_str()),
+                        timeout: r.timeout.unwrap_or(DEFAULT_TIMEOUT),
                         priority: r.priority,
                         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                         path,
@@ -276,7 +284,7 @@ impl RouteTable {
 
     /// The route names in the order they are tried.
     pub fn order(&self) -> Vec<&str> {
-        self.routes.iter().map(|r| r.name.as_str()).collect()
+        self.routes.iter().map(|r| &*r.name).collect()
     }
 
     /// The first route that matches `request`.
@@ -300,6 +308,7 @@ impl RouteTable {
             let upstream_path = rewrite(route.rewrite.as_ref(), request.path, &params);
             Some(Matched {
                 route: &route.name,
+                timeout: route.timeout,
                 params,
                 upstream_path,
                 clusters: &route.clusters,
@@ -410,21 +419,25 @@ mod tests {
         );
         assert_eq!(t.order(), ["exact", "order", "files", "prefix"]);
         assert_eq!(
-            find(&t, "GET", "/health", &[]).expect("exact").route,
+            find(&t, "GET", "/health", &[])
+                .expect("exact")
+                .route
+                .as_ref(),
             "exact"
         );
         assert_eq!(find(&t, "GET", "/health/x", &[]), None);
         let order = find(&t, "GET", "/api/orders/42", &[]).expect("template");
-        assert_eq!(order.route, "order");
+        assert_eq!(order.route.as_ref(), "order");
         assert_eq!(order.params, [("id".to_owned(), "42".to_owned())]);
         assert_eq!(
             find(&t, "GET", "/api/orders/42/lines", &[])
                 .expect("prefix")
-                .route,
+                .route
+                .as_ref(),
             "prefix"
         );
         assert_eq!(
-            find(&t, "GET", "/api", &[]).expect("prefix").route,
+            find(&t, "GET", "/api", &[]).expect("prefix").route.as_ref(),
             "prefix"
         );
         assert_eq!(
@@ -465,7 +478,7 @@ mod tests {
         );
         assert_eq!(t.order(), ["pinned", "admin-host", "canary", "default"]);
         let route = |method: &str, headers: &[(&str, &str)]| {
-            find(&t, method, "/api/orders/1", headers).map(|m| m.route.to_owned())
+            find(&t, method, "/api/orders/1", headers).map(|m| m.route.to_string())
         };
         assert_eq!(route("GET", &[]).as_deref(), Some("default"));
         assert_eq!(

@@ -327,3 +327,54 @@ async fn failing_endpoints_leave_their_cluster() {
 fn futures_pending() -> impl Future<Output = ()> + Send {
     std::future::pending()
 }
+
+/// A route's timeout bounds the upstream's answer: 504 with the JSON error body, and
+/// the request id still on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_meets_its_routes_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let slow = format!("http://{}", listener.local_addr().expect("address"));
+    let app = Router::new().fallback(any(|| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        "late"
+    }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [[clusters]]
+        name = "slow"
+        endpoints = [{{ url = "{slow}" }}]
+
+        [[routes]]
+        name = "slow"
+        path = {{ prefix = "/" }}
+        timeout = "100ms"
+        cluster = "slow"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let started = std::time::Instant::now();
+    let response = reqwest::Client::new()
+        .get(format!("{gateway}/x"))
+        .header("x-request-id", "slow-1")
+        .send()
+        .await
+        .expect("send");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(response.status(), 504);
+    assert_eq!(response.headers()["x-request-id"], "slow-1");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "upstream_timeout");
+}

@@ -51,6 +51,14 @@ pub const LABEL_FLOW: &str = "flow";
 pub const SAGA_CIRCUIT_OPEN: &str = "eventyr_saga_circuit_open";
 /// Step calls refused by a full bulkhead, by step.
 pub const SAGA_BULKHEAD_REJECTED_TOTAL: &str = "eventyr_saga_bulkhead_rejected_total";
+/// Requests the gateway answered, by route (`none` without one) and status class (2xx…).
+pub const GATEWAY_REQUESTS_TOTAL: &str = "eventyr_gateway_requests_total";
+/// How long the gateway took to answer, by route: seconds.
+pub const GATEWAY_REQUEST_DURATION_SECONDS: &str = "eventyr_gateway_request_duration_seconds";
+/// Label: a gateway route's name (from its configuration: bounded).
+pub const LABEL_ROUTE: &str = "route";
+/// Label: an HTTP status class, `2xx` to `5xx`.
+pub const LABEL_STATUS_CLASS: &str = "status_class";
 /// Timers armed and not yet rung (deadlines and retries).
 pub const SAGA_TIMERS_PENDING: &str = "eventyr_saga_timers_pending";
 
@@ -222,5 +230,14 @@ pub fn describe() {
     describe_gauge!(
         SAGA_FLOWS_STUCK,
         "Choreographed flows not finished within their deadline, by flow."
+    );
+    describe_counter!(
+        GATEWAY_REQUESTS_TOTAL,
+        "Requests the gateway answered, by route and status class."
+    );
+    describe_histogram!(
+        GATEWAY_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "How long the gateway took to answer a request, by route."
     );
 }

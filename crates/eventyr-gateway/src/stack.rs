@@ -1,0 +1,268 @@
+//! The gateway's middleware, as tower layers, in one place ([`stack`]) and in the
+//! issue's order: request id → access log and metrics → route → CORS →
+//! authentication → authorization → rate limit → cache → circuit breaker / retries /
+//! timeout → proxy. Built so far: request id, access log and metrics, route, timeout,
+//! proxy; the others take their place in `stack` as they land.
+//!
+//! Each layer is an async function of the request and the rest of the stack
+//! ([`Next`]), wrapped by [`middleware`] into a tower `Layer` whose `poll_ready` is the
+//! inner service's (backpressure goes through).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use eventyr_telemetry::names;
+use futures::future::BoxFuture;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+
+use crate::proxy::{Body, Proxy, error};
+use crate::route::RequestHead;
+
+/// The whole stack, cloned per connection.
+pub type Stack = BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// The client's address (set by the server on every request).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// A request's route, set by the route layer for the layers after it and the proxy.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    pub route: Arc<str>,
+    pub cluster: String,
+    pub upstream_path: String,
+    pub params: Vec<(String, String)>,
+    pub timeout: std::time::Duration,
+}
+
+/// The route's name on the response (for the access log and metrics outside it).
+#[derive(Debug, Clone)]
+pub struct RouteName(pub Arc<str>);
+
+/// The gateway: every layer, in order, around the proxy.
+pub fn stack(proxy: Arc<Proxy>) -> Stack {
+    let routing = Arc::clone(&proxy);
+    ServiceBuilder::new()
+        .layer(middleware(request_id))
+        .layer(middleware(access_log))
+        .layer(middleware(move |request, next| {
+            route(Arc::clone(&routing), request, next)
+        }))
+        // CORS → authentication → authorization → rate limit → cache: next (issue 7).
+        // Circuit breaker and retries join the timeout here.
+        .layer(middleware(timeout))
+        .service(tower::service_fn(move |request| {
+            let proxy = Arc::clone(&proxy);
+            async move { Ok::<_, Infallible>(proxy.forward(request).await) }
+        }))
+        .boxed_clone()
+}
+
+/// The rest of the stack, for a middleware function to call.
+pub struct Next {
+    inner: Stack,
+}
+
+impl Next {
+    pub async fn run(self, request: Request<Incoming>) -> Response<Body> {
+        match self.inner.oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}
+
+/// A tower layer made of an async function `f(request, next)`.
+pub fn middleware<F, Fut>(f: F) -> Middleware<F>
+where
+    F: Fn(Request<Incoming>, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    Middleware { f }
+}
+
+#[derive(Clone)]
+pub struct Middleware<F> {
+    f: F,
+}
+
+impl<S, F> Layer<S> for Middleware<F>
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    F: Clone,
+{
+    type Service = MiddlewareService<F>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MiddlewareService {
+            inner: BoxCloneService::new(inner),
+            f: self.f.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MiddlewareService<F> {
+    inner: Stack,
+    f: F,
+}
+
+impl<F, Fut> Service<Request<Incoming>> for MiddlewareService<F>
+where
+    F: Fn(Request<Incoming>, Next) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        // The ready service goes with this call; a fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let future = (self.f)(request, Next { inner });
+        Box::pin(async move { Ok(future.await) })
+    }
+}
+
+/// Keeps the client's `X-Request-ID` if it is sane (1 to 200 visible characters),
+/// else gives the request a new one (UUIDv7); the answer carries it.
+async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body> {
+    let sane = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|id| {
+            (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+        });
+    if !sane {
+        let id = uuid::Uuid::now_v7().to_string();
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            request.headers_mut().insert("x-request-id", value);
+        }
+    }
+    let id = request.headers().get("x-request-id").cloned();
+    let mut response = next.run(request).await;
+    if let Some(id) = id {
+        response.headers_mut().insert("x-request-id", id);
+    }
+    response
+}
+
+/// One access-log line per request (target `eventyr_gateway::access`) and the request
+/// metrics, around everything else.
+async fn access_log(request: Request<Incoming>, next: Next) -> Response<Body> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_default();
+    let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let route = response
+        .extensions()
+        .get::<RouteName>()
+        .map_or_else(|| Arc::from("none"), |r| Arc::clone(&r.0));
+    let status = response.status();
+    let class = match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!(
+        names::GATEWAY_REQUESTS_TOTAL,
+        names::LABEL_ROUTE => route.to_string(),
+        names::LABEL_STATUS_CLASS => class
+    )
+    .increment(1);
+    metrics::histogram!(names::GATEWAY_REQUEST_DURATION_SECONDS, names::LABEL_ROUTE => route.to_string())
+        .record(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "eventyr_gateway::access",
+        request_id = %id,
+        client = ?client,
+        method = %method,
+        path = %path,
+        route = %route,
+        status = status.as_u16(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+/// Finds the request's route (404 `no_route` without one) and its cluster (a split's
+/// draw), for every layer after it.
+async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) -> Response<Body> {
+    let routed = {
+        let headers = request.headers();
+        let host = headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()));
+        let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let head = RequestHead {
+            host: host.as_deref(),
+            method: request.method().as_str(),
+            path: request.uri().path(),
+            header: &lookup,
+        };
+        proxy.routes().find(&head).map(|m| Routed {
+            route: Arc::clone(m.route),
+            cluster: m.cluster(fastrand::f64()).to_owned(),
+            upstream_path: m.upstream_path.clone(),
+            params: m.params.clone(),
+            timeout: m.timeout,
+        })
+    };
+    let Some(routed) = routed else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            format!("no route for {} {}", request.method(), request.uri().path()),
+        );
+    };
+    let name = RouteName(Arc::clone(&routed.route));
+    request.extensions_mut().insert(routed);
+    let mut response = next.run(request).await;
+    response.extensions_mut().insert(name);
+    response
+}
+
+/// The route's timeout: no answer in time is 504 `upstream_timeout`.
+async fn timeout(request: Request<Incoming>, next: Next) -> Response<Body> {
+    let limit = request
+        .extensions()
+        .get::<Routed>()
+        .map_or(crate::route::DEFAULT_TIMEOUT, |r| r.timeout);
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            format!("no answer within {limit:?}"),
+        ),
+    }
+}
