@@ -301,17 +301,16 @@ impl Balancer {
     fn maglev(&self, candidates: &[usize], key: &str) -> usize {
         let slot = (hash(key.as_bytes(), 0) % MAGLEV_SLOTS as u64) as usize;
         let mut cached = lock(&self.maglev);
-        let fresh = cached
-            .as_ref()
-            .is_none_or(|(built_for, _)| built_for != candidates);
-        if fresh {
-            let names: Vec<&str> = candidates
-                .iter()
-                .map(|i| self.endpoints[*i].address.as_str())
-                .collect();
-            *cached = Some((candidates.to_vec(), maglev_table(&names)));
-        }
-        let table = &cached.as_ref().expect("built above").1;
+        let table = match &mut *cached {
+            Some((built_for, table)) if built_for == candidates => table,
+            stale => {
+                let names: Vec<&str> = candidates
+                    .iter()
+                    .map(|i| self.endpoints[*i].address.as_str())
+                    .collect();
+                &mut stale.insert((candidates.to_vec(), maglev_table(&names))).1
+            }
+        };
         candidates[table[slot] as usize]
     }
 }

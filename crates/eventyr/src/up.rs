@@ -347,7 +347,7 @@ pub async fn start(
         services
             .iter()
             .find(|s| s.name == name)
-            .expect("every participant is served")
+            .with_context(|| format!("no service {name} is served"))
     };
     let knobs: Arc<HashMap<&'static str, Faults>> = Arc::new(
         services
@@ -386,7 +386,7 @@ pub async fn start(
     let mut over_bus: Vec<&'static str> = Vec::new();
     for (step, owner, action, compensation) in STEP_PATHS {
         if OVER_HTTP.contains(&step) {
-            let base = format!("http://{}", service(owner).address);
+            let base = format!("http://{}", service(owner)?.address);
             remote = remote.step(
                 step,
                 format!("{base}{action}"),
@@ -544,7 +544,7 @@ pub async fn start(
         models: Arc::clone(&order_inbox),
         consumers: trackers,
     };
-    let inventory_address = service("inventory").address;
+    let inventory_address = service("inventory")?.address;
     let addresses = services.iter().map(|s| (s.name, s.address)).collect();
     let public = order::api::router(order::api::Orders {
         orders,
