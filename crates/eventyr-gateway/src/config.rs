@@ -64,6 +64,16 @@ pub struct ClusterConfig {
     /// Passive outlier ejection; on by default.
     #[serde(default)]
     pub outlier: OutlierConfig,
+    /// The cluster's circuit breaker; on by default.
+    #[serde(default)]
+    pub circuit_breaker: crate::resilience::BreakerConfig,
+    /// The bulkhead: requests under way at once, at most; beyond, 503. Default 1024.
+    #[serde(default = "bulkhead")]
+    pub max_concurrent: u32,
+}
+
+fn bulkhead() -> u32 {
+    1024
 }
 
 /// Active health checks: `GET path` on each endpoint every `interval`.
@@ -145,7 +155,7 @@ fn fifty() -> u32 {
 }
 
 /// Durations written as humantime text ("30s", "1m 30s").
-mod humantime_serde_lite {
+pub(crate) mod humantime_serde_lite {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};
@@ -327,6 +337,22 @@ impl GatewayConfig {
                         "thresholds are at least 1",
                     ));
                 }
+            }
+            let breaker = &cluster.circuit_breaker;
+            if !(0.0..=1.0).contains(&breaker.error_rate) || breaker.error_rate == 0.0 {
+                return Err(error(
+                    format!("{key}.circuit_breaker.error_rate"),
+                    "above 0, at most 1",
+                ));
+            }
+            if breaker.window < Duration::from_millis(100) || breaker.open_for.is_zero() {
+                return Err(error(
+                    format!("{key}.circuit_breaker.window"),
+                    "a window of at least 100ms and a non-zero open_for",
+                ));
+            }
+            if cluster.max_concurrent == 0 {
+                return Err(error(format!("{key}.max_concurrent"), "at least 1"));
             }
             if cluster.outlier.max_ejected_percent > 100 {
                 return Err(error(

@@ -20,6 +20,9 @@
 //!   balancers' passive outlier ejection (failures in a row eject an endpoint for a
 //!   growing time).
 //!
+//! - [`resilience`]: a circuit breaker per cluster (error rate over a sliding window,
+//!   minimum requests, open, half-open probes); the proxy also holds a bulkhead per
+//!   cluster.
 //! - [`stack`]: the middleware as tower layers in the order, in one place:
 //!   request id, access log and metrics, route, timeout so far, around the proxy.
 //!
@@ -32,5 +35,6 @@ pub mod balance;
 pub mod config;
 pub mod health;
 pub mod proxy;
+pub mod resilience;
 pub mod route;
 pub mod stack;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use eventyr_telemetry::names;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
@@ -27,6 +28,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::balance::Balancer;
 use crate::config::{BalanceKind, GatewayConfig, HealthConfig, parse_url};
+use crate::resilience::{Breaker, BreakerState};
 use crate::route::RouteTable;
 use crate::stack::{ClientAddr, Routed};
 
@@ -56,6 +58,8 @@ struct Cluster {
     hash_header: Option<HeaderName>,
     hash_client_ip: bool,
     health: Option<HealthConfig>,
+    breaker: Breaker,
+    bulkhead: Arc<tokio::sync::Semaphore>,
 }
 
 /// An endpoint the active health checks watch.
@@ -104,6 +108,8 @@ impl Proxy {
                 let cluster = Cluster {
                     balancer: Balancer::new(c.balance, &weighted).with_outlier(c.outlier.clone()),
                     health: c.health.clone(),
+                    breaker: Breaker::new(c.circuit_breaker.clone()),
+                    bulkhead: Arc::new(tokio::sync::Semaphore::new(c.max_concurrent as usize)),
                     endpoints,
                     hash_header: c
                         .hash_header
@@ -198,107 +204,142 @@ impl Proxy {
         let Some(cluster) = self.clusters.get(&routed.cluster) else {
             return error(StatusCode::BAD_GATEWAY, "bad_gateway", "no such cluster");
         };
-        let upstream_path = routed.upstream_path.clone();
-        let key = if cluster.hash_client_ip {
-            Some(client.ip().to_string())
-        } else {
-            cluster
-                .hash_header
-                .as_ref()
-                .and_then(|h| parts.headers.get(h))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+        let shed = |reason: &'static str, message: &str| {
+            metrics::counter!(
+                names::GATEWAY_SHED_TOTAL,
+                names::LABEL_CLUSTER => routed.cluster.clone(),
+                names::LABEL_REASON => reason
+            )
+            .increment(1);
+            error(StatusCode::SERVICE_UNAVAILABLE, reason, message)
         };
-        let path_and_query = match parts.uri.query() {
-            Some(query) => format!("{upstream_path}?{query}"),
-            None => upstream_path,
+        let Some(admitted) = cluster.breaker.admit() else {
+            return shed(
+                "circuit_open",
+                "the cluster's circuit breaker is open: its upstreams keep failing",
+            );
         };
-        let headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
+        let Ok(_permit) = Arc::clone(&cluster.bulkhead).try_acquire_owned() else {
+            return shed(
+                "overloaded",
+                "the cluster has as many requests under way as it takes",
+            );
+        };
+        let response = async {
+            let upstream_path = routed.upstream_path.clone();
+            let key = if cluster.hash_client_ip {
+                Some(client.ip().to_string())
+            } else {
+                cluster
+                    .hash_header
+                    .as_ref()
+                    .and_then(|h| parts.headers.get(h))
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let path_and_query = match parts.uri.query() {
+                Some(query) => format!("{upstream_path}?{query}"),
+                None => upstream_path,
+            };
+            let headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
 
-        // A small body is kept, so that a failed connection can be tried elsewhere.
-        let length = body_length(&parts.headers);
-        let retryable = length.is_some_and(|n| n <= RETRY_BODY_MAX);
-        let mut streamed = Some(body);
-        let buffered = if retryable {
-            match streamed.take().map(BodyExt::collect) {
-                Some(collect) => match collect.await {
-                    Ok(collected) => Some(collected.to_bytes()),
-                    Err(e) => {
-                        return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
-                    }
-                },
-                None => None,
-            }
-        } else {
-            None
-        };
+            // A small body is kept, so that a failed connection can be tried elsewhere.
+            let length = body_length(&parts.headers);
+            let retryable = length.is_some_and(|n| n <= RETRY_BODY_MAX);
+            let mut streamed = Some(body);
+            let buffered = if retryable {
+                match streamed.take().map(BodyExt::collect) {
+                    Some(collect) => match collect.await {
+                        Ok(collected) => Some(collected.to_bytes()),
+                        Err(e) => {
+                            return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string());
+                        }
+                    },
+                    None => None,
+                }
+            } else {
+                None
+            };
 
-        let mut tried = Vec::new();
-        loop {
-            let Some(i) = cluster.balancer.pick(key.as_deref(), &tried) else {
-                return if tried.is_empty() {
-                    error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no_healthy_upstream",
-                        "no healthy endpoint in the cluster",
-                    )
-                } else {
-                    error(
-                        StatusCode::BAD_GATEWAY,
-                        "bad_gateway",
-                        "cannot connect to the upstream",
-                    )
+            let mut tried = Vec::new();
+            loop {
+                let Some(i) = cluster.balancer.pick(key.as_deref(), &tried) else {
+                    return if tried.is_empty() {
+                        error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no_healthy_upstream",
+                            "no healthy endpoint in the cluster",
+                        )
+                    } else {
+                        error(
+                            StatusCode::BAD_GATEWAY,
+                            "bad_gateway",
+                            "cannot connect to the upstream",
+                        )
+                    };
                 };
-            };
-            tried.push(i);
-            let (authority, base) = &cluster.endpoints[i];
-            let uri: Uri = match format!("http://{authority}{base}{path_and_query}").parse() {
-                Ok(uri) => uri,
-                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
-            };
-            let body: Body = match (&buffered, streamed.take()) {
-                (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
-                (None, Some(body)) => body.boxed(),
-                (None, None) => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
-            };
-            let mut upstream = Request::new(body);
-            *upstream.method_mut() = parts.method.clone();
-            *upstream.uri_mut() = uri;
-            *upstream.headers_mut() = headers.clone();
-            let in_flight = cluster.balancer.start(i);
-            let answer = tokio::time::timeout(routed.timeout, self.client.request(upstream)).await;
-            if !matches!(answer, Ok(Ok(_))) {
-                // No answer (no connection, a timeout): a failure for outlier ejection.
-                cluster.balancer.report(i, false);
-            }
-            match answer {
-                Ok(Ok(response)) => {
-                    if let Some(in_flight) = in_flight {
-                        in_flight.finish();
+                tried.push(i);
+                let (authority, base) = &cluster.endpoints[i];
+                let uri: Uri = match format!("http://{authority}{base}{path_and_query}").parse() {
+                    Ok(uri) => uri,
+                    Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+                };
+                let body: Body = match (&buffered, streamed.take()) {
+                    (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
+                    (None, Some(body)) => body.boxed(),
+                    (None, None) => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+                };
+                let mut upstream = Request::new(body);
+                *upstream.method_mut() = parts.method.clone();
+                *upstream.uri_mut() = uri;
+                *upstream.headers_mut() = headers.clone();
+                let in_flight = cluster.balancer.start(i);
+                let answer = tokio::time::timeout(routed.timeout, self.client.request(upstream)).await;
+                if !matches!(answer, Ok(Ok(_))) {
+                    // No answer (no connection, a timeout): a failure for outlier ejection.
+                    cluster.balancer.report(i, false);
+                }
+                match answer {
+                    Ok(Ok(response)) => {
+                        if let Some(in_flight) = in_flight {
+                            in_flight.finish();
+                        }
+                        cluster
+                            .balancer
+                            .report(i, !response.status().is_server_error());
+                        let (mut parts, body) = response.into_parts();
+                        strip_hop_by_hop(&mut parts.headers);
+                        return Response::from_parts(parts, body.boxed());
                     }
-                    cluster
-                        .balancer
-                        .report(i, !response.status().is_server_error());
-                    let (mut parts, body) = response.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    return Response::from_parts(parts, body.boxed());
-                }
-                // Nothing reached the endpoint: another one may take it, once.
-                Ok(Err(e)) if e.is_connect() && retryable && tried.len() < 2 => {
-                    tracing::debug!(endpoint = %authority, error = %e, "connect failed; trying another endpoint");
-                }
-                Ok(Err(e)) => {
-                    return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string());
-                }
-                Err(_) => {
-                    return error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_timeout",
-                        format!("no answer within {:?}", routed.timeout),
-                    );
+                    // Nothing reached the endpoint: another one may take it, once.
+                    Ok(Err(e)) if e.is_connect() && retryable && tried.len() < 2 => {
+                        tracing::debug!(endpoint = %authority, error = %e, "connect failed; trying another endpoint");
+                    }
+                    Ok(Err(e)) => {
+                        return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string());
+                    }
+                    Err(_) => {
+                        return error(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream_timeout",
+                            format!("no answer within {:?}", routed.timeout),
+                        );
+                    }
                 }
             }
         }
+        .await;
+        let state = cluster
+            .breaker
+            .record(admitted, !response.status().is_server_error());
+        let open = match state {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 0.5,
+            BreakerState::Open => 1.0,
+        };
+        metrics::gauge!(names::GATEWAY_CIRCUIT_OPEN, names::LABEL_CLUSTER => routed.cluster.clone())
+            .set(open);
+        response
     }
 }
 

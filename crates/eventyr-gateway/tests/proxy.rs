@@ -378,3 +378,79 @@ async fn a_slow_upstream_meets_its_routes_timeout() {
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"], "upstream_timeout");
 }
+
+/// A cluster whose answers keep failing trips its circuit breaker (503
+/// `circuit_open`, no upstream call); a full bulkhead sheds with 503 `overloaded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_breaker_and_the_bulkhead_shed_load() {
+    let ill = sick().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let slow = format!("http://{}", listener.local_addr().expect("address"));
+    let app = Router::new().fallback(any(|| async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        "late"
+    }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [[clusters]]
+        name = "ill"
+        endpoints = [{{ url = "{ill}" }}]
+        outlier = {{ consecutive_failures = 0 }}
+        circuit_breaker = {{ min_requests = 4, error_rate = 0.5, open_for = "10s" }}
+
+        [[clusters]]
+        name = "narrow"
+        endpoints = [{{ url = "{slow}" }}]
+        max_concurrent = 1
+
+        [[routes]]
+        name = "ill"
+        path = {{ prefix = "/ill" }}
+        cluster = "ill"
+
+        [[routes]]
+        name = "narrow"
+        path = {{ prefix = "/narrow" }}
+        cluster = "narrow"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let client = reqwest::Client::new();
+    let status = |path: &'static str| {
+        let (client, gateway) = (client.clone(), gateway.clone());
+        async move {
+            let response = client
+                .get(format!("{gateway}{path}"))
+                .send()
+                .await
+                .expect("send");
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, body["error"].as_str().map(str::to_owned))
+        }
+    };
+    for _ in 0..4 {
+        assert_eq!(status("/ill").await.0, 500);
+    }
+    assert_eq!(status("/ill").await, (503, Some("circuit_open".to_owned())));
+
+    let (first, second) = tokio::join!(status("/narrow"), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status("/narrow").await
+    });
+    assert_eq!(first.0, 200);
+    assert_eq!(second, (503, Some("overloaded".to_owned())));
+}

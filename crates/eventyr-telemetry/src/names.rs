@@ -55,6 +55,15 @@ pub const SAGA_BULKHEAD_REJECTED_TOTAL: &str = "eventyr_saga_bulkhead_rejected_t
 pub const GATEWAY_REQUESTS_TOTAL: &str = "eventyr_gateway_requests_total";
 /// How long the gateway took to answer, by route: seconds.
 pub const GATEWAY_REQUEST_DURATION_SECONDS: &str = "eventyr_gateway_request_duration_seconds";
+/// 1 while a gateway cluster's circuit breaker is open (0.5 half-open), by cluster.
+pub const GATEWAY_CIRCUIT_OPEN: &str = "eventyr_gateway_circuit_open";
+/// Requests the gateway shed before any upstream saw them, by cluster and reason
+/// (`circuit_open`, `overloaded`).
+pub const GATEWAY_SHED_TOTAL: &str = "eventyr_gateway_shed_total";
+/// Label: a gateway cluster's name (from its configuration: bounded).
+pub const LABEL_CLUSTER: &str = "cluster";
+/// Label: why a request was shed.
+pub const LABEL_REASON: &str = "reason";
 /// Label: a gateway route's name (from its configuration: bounded).
 pub const LABEL_ROUTE: &str = "route";
 /// Label: an HTTP status class, `2xx` to `5xx`.
@@ -230,6 +239,14 @@ pub fn describe() {
     describe_gauge!(
         SAGA_FLOWS_STUCK,
         "Choreographed flows not finished within their deadline, by flow."
+    );
+    describe_gauge!(
+        GATEWAY_CIRCUIT_OPEN,
+        "1 while a gateway cluster's circuit breaker is open, 0.5 half-open, 0 closed."
+    );
+    describe_counter!(
+        GATEWAY_SHED_TOTAL,
+        "Requests shed by the gateway before reaching an upstream, by cluster and reason."
     );
     describe_counter!(
         GATEWAY_REQUESTS_TOTAL,
