@@ -70,6 +70,83 @@ pub struct ClusterConfig {
     /// The bulkhead: requests under way at once, at most; beyond, 503. Default 1024.
     #[serde(default = "bulkhead")]
     pub max_concurrent: u32,
+    /// Retries to this cluster, at most, over 10 s.
+    #[serde(default)]
+    pub retry_budget: BudgetConfig,
+}
+
+/// How a route retries: at most `attempts` in all, only idempotent methods (GET,
+/// HEAD, OPTIONS, PUT, DELETE, TRACE) with a body small enough to be kept, only on
+/// the listed conditions, each attempt within `per_try_timeout` (default the route's
+/// timeout), 25 ms × 2ⁿ apart with jitter, and within the cluster's retry budget.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "one")]
+    pub attempts: u32,
+    #[serde(default = "retry_on")]
+    pub on: Vec<RetryOn>,
+    #[serde(default, with = "humantime_serde_lite::option")]
+    pub per_try_timeout: Option<Duration>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 1,
+            on: retry_on(),
+            per_try_timeout: None,
+        }
+    }
+}
+
+fn retry_on() -> Vec<RetryOn> {
+    vec![
+        RetryOn::ConnectFailure,
+        RetryOn::GatewayError,
+        RetryOn::Timeout,
+    ]
+}
+
+/// When an attempt is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    /// No connection to the endpoint.
+    ConnectFailure,
+    /// 502, 503 or 504.
+    GatewayError,
+    /// Any 5xx.
+    #[serde(rename = "5xx")]
+    ServerError,
+    /// No answer within the per-try timeout.
+    Timeout,
+}
+
+/// A cluster's retry budget (Finagle's): retries within a 10 s window may be at most
+/// `ratio` × the requests in it, plus `min_per_second` × 10.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Default 0.2.
+    #[serde(default = "fifth")]
+    pub ratio: f64,
+    /// Default 3.
+    #[serde(default = "three")]
+    pub min_per_second: u32,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            ratio: fifth(),
+            min_per_second: three(),
+        }
+    }
+}
+
+fn fifth() -> f64 {
+    0.2
 }
 
 fn bulkhead() -> u32 {
@@ -232,6 +309,10 @@ pub struct RouteConfig {
     /// How long the upstream may take to answer, e.g. "5s". Default 30 s.
     #[serde(default, with = "humantime_serde_lite::option")]
     pub timeout: Option<Duration>,
+    /// Retries of failed attempts; none by default (beyond the one retry of a failed
+    /// connection on another endpoint, which every route has).
+    #[serde(default)]
+    pub retries: RetryConfig,
     /// The one cluster, or `split`.
     pub cluster: Option<String>,
     #[serde(default)]
@@ -351,6 +432,9 @@ impl GatewayConfig {
                     "a window of at least 100ms and a non-zero open_for",
                 ));
             }
+            if !(0.0..=10.0).contains(&cluster.retry_budget.ratio) {
+                return Err(error(format!("{key}.retry_budget.ratio"), "0 to 10"));
+            }
             if cluster.max_concurrent == 0 {
                 return Err(error(format!("{key}.max_concurrent"), "at least 1"));
             }
@@ -384,6 +468,12 @@ impl GatewayConfig {
                 .is_some_and(|t| t.is_zero() || t > Duration::from_secs(3600))
             {
                 return Err(error(format!("{key}.timeout"), "above 0, at most 1h"));
+            }
+            if route.retries.attempts == 0 || route.retries.attempts > 10 {
+                return Err(error(format!("{key}.retries.attempts"), "1 to 10"));
+            }
+            if route.retries.per_try_timeout.is_some_and(|t| t.is_zero()) {
+                return Err(error(format!("{key}.retries.per_try_timeout"), "above 0"));
             }
             for method in &route.methods {
                 if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {

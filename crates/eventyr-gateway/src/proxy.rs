@@ -27,8 +27,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::balance::Balancer;
+use crate::config::RetryOn;
 use crate::config::{BalanceKind, GatewayConfig, HealthConfig, parse_url};
-use crate::resilience::{Breaker, BreakerState};
+use crate::resilience::{Breaker, BreakerState, RetryBudget};
 use crate::route::RouteTable;
 use crate::stack::{ClientAddr, Routed};
 
@@ -60,6 +61,7 @@ struct Cluster {
     health: Option<HealthConfig>,
     breaker: Breaker,
     bulkhead: Arc<tokio::sync::Semaphore>,
+    budget: RetryBudget,
 }
 
 /// An endpoint the active health checks watch.
@@ -110,6 +112,7 @@ impl Proxy {
                     health: c.health.clone(),
                     breaker: Breaker::new(c.circuit_breaker.clone()),
                     bulkhead: Arc::new(tokio::sync::Semaphore::new(c.max_concurrent as usize)),
+                    budget: RetryBudget::new(c.retry_budget.clone()),
                     endpoints,
                     hash_header: c
                         .hash_header
@@ -261,24 +264,44 @@ impl Proxy {
                 None
             };
 
+            cluster.budget.deposit();
+            let policy = &routed.retries;
+            let per_try = policy.per_try_timeout.unwrap_or(routed.timeout);
+            let idempotent = matches!(
+                parts.method.as_str(),
+                "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+            );
+            // A retry of a request the upstream may have acted on: idempotent methods,
+            // the route's conditions and attempts, the cluster's budget.
+            let may_retry = |attempt: u32, on: RetryOn| {
+                retryable
+                    && idempotent
+                    && attempt < policy.attempts
+                    && policy.on.contains(&on)
+                    && cluster.budget.withdraw()
+            };
             let mut tried = Vec::new();
+            let mut attempt = 0;
             loop {
-                let Some(i) = cluster.balancer.pick(key.as_deref(), &tried) else {
-                    return if tried.is_empty() {
-                        error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "no_healthy_upstream",
-                            "no healthy endpoint in the cluster",
-                        )
-                    } else {
-                        error(
-                            StatusCode::BAD_GATEWAY,
-                            "bad_gateway",
-                            "cannot connect to the upstream",
-                        )
-                    };
+                attempt += 1;
+                let picked = cluster
+                    .balancer
+                    .pick(key.as_deref(), &tried)
+                    .or_else(|| (!tried.is_empty()).then(|| cluster.balancer.pick(key.as_deref(), &[])).flatten());
+                let Some(i) = picked else {
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no_healthy_upstream",
+                        "no healthy endpoint in the cluster",
+                    );
                 };
                 tried.push(i);
+                if attempt > 1 {
+                    // 25 ms × 2ⁿ, at most 250 ms, with jitter.
+                    let base = 25u64 << (attempt - 2).min(4);
+                    let delay = base.min(250) / 2 + fastrand::u64(..=base.min(250) / 2);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
                 let (authority, base) = &cluster.endpoints[i];
                 let uri: Uri = match format!("http://{authority}{base}{path_and_query}").parse() {
                     Ok(uri) => uri,
@@ -294,7 +317,7 @@ impl Proxy {
                 *upstream.uri_mut() = uri;
                 *upstream.headers_mut() = headers.clone();
                 let in_flight = cluster.balancer.start(i);
-                let answer = tokio::time::timeout(routed.timeout, self.client.request(upstream)).await;
+                let answer = tokio::time::timeout(per_try, self.client.request(upstream)).await;
                 if !matches!(answer, Ok(Ok(_))) {
                     // No answer (no connection, a timeout): a failure for outlier ejection.
                     cluster.balancer.report(i, false);
@@ -304,25 +327,41 @@ impl Proxy {
                         if let Some(in_flight) = in_flight {
                             in_flight.finish();
                         }
-                        cluster
-                            .balancer
-                            .report(i, !response.status().is_server_error());
+                        let status = response.status();
+                        cluster.balancer.report(i, !status.is_server_error());
+                        let gateway_error = matches!(status.as_u16(), 502..=504);
+                        let again = status.is_server_error()
+                            && (may_retry(attempt, RetryOn::ServerError)
+                                || gateway_error && may_retry(attempt, RetryOn::GatewayError));
+                        if again {
+                            tracing::debug!(endpoint = %authority, %status, attempt, "retrying");
+                            continue;
+                        }
                         let (mut parts, body) = response.into_parts();
                         strip_hop_by_hop(&mut parts.headers);
                         return Response::from_parts(parts, body.boxed());
                     }
-                    // Nothing reached the endpoint: another one may take it, once.
-                    Ok(Err(e)) if e.is_connect() && retryable && tried.len() < 2 => {
+                    Ok(Err(e)) if e.is_connect() => {
+                        // Nothing reached the endpoint: another one may take it once,
+                        // whatever the method; more under the route's policy.
+                        let again = retryable
+                            && (attempt == 1 || may_retry(attempt, RetryOn::ConnectFailure));
+                        if !again {
+                            return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string());
+                        }
                         tracing::debug!(endpoint = %authority, error = %e, "connect failed; trying another endpoint");
                     }
                     Ok(Err(e)) => {
                         return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string());
                     }
+                    Err(_) if may_retry(attempt, RetryOn::Timeout) => {
+                        tracing::debug!(endpoint = %authority, attempt, "no answer in time; retrying");
+                    }
                     Err(_) => {
                         return error(
                             StatusCode::GATEWAY_TIMEOUT,
                             "upstream_timeout",
-                            format!("no answer within {:?}", routed.timeout),
+                            format!("no answer within {per_try:?}"),
                         );
                     }
                 }

@@ -209,6 +209,67 @@ impl Breaker {
     }
 }
 
+/// A cluster's retry budget over a sliding 10 s window.
+#[derive(Debug)]
+pub struct RetryBudget {
+    config: crate::config::BudgetConfig,
+    /// (bucket start, requests, retries), oldest first; one bucket a second.
+    buckets: Mutex<Vec<(Instant, u64, u64)>>,
+}
+
+/// The budget's window.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+impl RetryBudget {
+    pub fn new(config: crate::config::BudgetConfig) -> Self {
+        Self {
+            config,
+            buckets: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn with_bucket<T>(&self, f: impl FnOnce(&mut (Instant, u64, u64), u64, u64) -> T) -> T {
+        let now = Instant::now();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        buckets.retain(|(start, _, _)| now.duration_since(*start) < BUDGET_WINDOW);
+        if buckets
+            .last()
+            .is_none_or(|(start, _, _)| now.duration_since(*start) >= Duration::from_secs(1))
+        {
+            buckets.push((now, 0, 0));
+        }
+        let (requests, retries) = buckets
+            .iter()
+            .fold((0, 0), |(r, t), (_, br, bt)| (r + br, t + bt));
+        let last = buckets.len() - 1;
+        f(&mut buckets[last], requests, retries)
+    }
+
+    /// A request arrives (it earns a share of a retry).
+    pub fn deposit(&self) {
+        self.with_bucket(|bucket, _, _| bucket.1 += 1);
+    }
+
+    /// Takes one retry if the budget has it.
+    pub fn withdraw(&self) -> bool {
+        let (ratio, floor) = (
+            self.config.ratio,
+            u64::from(self.config.min_per_second) * BUDGET_WINDOW.as_secs(),
+        );
+        self.with_bucket(|bucket, requests, retries| {
+            let allowed = floor + (ratio * requests as f64) as u64;
+            let ok = retries < allowed;
+            if ok {
+                bucket.2 += 1;
+            }
+            ok
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,6 +307,21 @@ mod tests {
         assert_eq!(b.record(first, true), BreakerState::HalfOpen);
         assert_eq!(b.record(second, true), BreakerState::Closed);
         assert!(b.admit().is_some());
+    }
+
+    #[test]
+    fn the_retry_budget_allows_a_floor_plus_a_share_of_the_requests() {
+        let budget = RetryBudget::new(crate::config::BudgetConfig {
+            ratio: 0.2,
+            min_per_second: 1,
+        });
+        let floor = (0..100).take_while(|_| budget.withdraw()).count();
+        assert_eq!(floor, 10, "1/s over 10 s with no requests");
+        for _ in 0..50 {
+            budget.deposit();
+        }
+        let more = (0..100).take_while(|_| budget.withdraw()).count();
+        assert_eq!(more, 10, "and 20 % of 50 requests");
     }
 
     #[test]

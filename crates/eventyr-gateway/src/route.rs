@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{GatewayConfig, PathConfig, RewriteConfig};
+use crate::config::{GatewayConfig, PathConfig, RetryConfig, RewriteConfig};
 
 /// A path pattern, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +182,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Route {
     pub name: Arc<str>,
     pub timeout: Duration,
+    pub retries: RetryConfig,
     priority: i32,
     host: Option<String>,
     path: PathPattern,
@@ -197,6 +198,7 @@ pub struct Route {
 pub struct Matched<'a> {
     pub route: &'a Arc<str>,
     pub timeout: Duration,
+    pub retries: &'a RetryConfig,
     pub params: Vec<(String, String)>,
     pub upstream_path: String,
     clusters: &'a [(String, u32)],
@@ -250,6 +252,7 @@ impl RouteTable {
                     Route {
                         name: Arc::from(r.name.as_str()),
                         timeout: r.timeout.unwrap_or(DEFAULT_TIMEOUT),
+                        retries: r.retries.clone(),
                         priority: r.priority,
                         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                         path,
@@ -309,6 +312,7 @@ impl RouteTable {
             Some(Matched {
                 route: &route.name,
                 timeout: route.timeout,
+                retries: &route.retries,
                 params,
                 upstream_path,
                 clusters: &route.clusters,

@@ -39,6 +39,7 @@ pub struct Routed {
     pub upstream_path: String,
     pub params: Vec<(String, String)>,
     pub timeout: std::time::Duration,
+    pub retries: crate::config::RetryConfig,
 }
 
 /// The route's name on the response (for the access log and metrics outside it).
@@ -235,6 +236,7 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             upstream_path: m.upstream_path.clone(),
             params: m.params.clone(),
             timeout: m.timeout,
+            retries: m.retries.clone(),
         })
     };
     let Some(routed) = routed else {

@@ -454,3 +454,98 @@ async fn the_circuit_breaker_and_the_bulkhead_shed_load() {
     assert_eq!(first.0, 200);
     assert_eq!(second, (503, Some("overloaded".to_owned())));
 }
+
+/// An upstream that answers 503 to every other request.
+async fn flaky() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let seen = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let counter = Arc::clone(&seen);
+    let app = Router::new().fallback(any(move || {
+        let counter = Arc::clone(&counter);
+        async move {
+            if counter.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                (http::StatusCode::SERVICE_UNAVAILABLE, "busy")
+            } else {
+                (http::StatusCode::OK, "fine")
+            }
+        }
+    }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}"), seen)
+}
+
+/// Idempotent requests are retried on a gateway error within the route's attempts and
+/// the cluster's budget; a POST is not; an empty budget stops retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_within_the_budget() {
+    use std::sync::atomic::Ordering;
+    let ((generous, seen), (stingy, _)) = (flaky().await, flaky().await);
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [[clusters]]
+        name = "generous"
+        endpoints = [{{ url = "{generous}" }}]
+        outlier = {{ consecutive_failures = 0 }}
+
+        [[clusters]]
+        name = "stingy"
+        endpoints = [{{ url = "{stingy}" }}]
+        outlier = {{ consecutive_failures = 0 }}
+        retry_budget = {{ ratio = 0.0, min_per_second = 0 }}
+
+        [[routes]]
+        name = "generous"
+        path = {{ prefix = "/generous" }}
+        retries = {{ attempts = 3 }}
+        cluster = "generous"
+
+        [[routes]]
+        name = "stingy"
+        path = {{ prefix = "/stingy" }}
+        retries = {{ attempts = 3 }}
+        cluster = "stingy"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let response = client
+            .get(format!("{gateway}/generous"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200, "the retry gets the good answer");
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        10,
+        "each GET took two attempts"
+    );
+    let post = client
+        .post(format!("{gateway}/generous"))
+        .body("x")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(post.status(), 503, "a POST is not retried");
+    let stingy = client
+        .get(format!("{gateway}/stingy"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(stingy.status(), 503, "no budget, no retry");
+}
