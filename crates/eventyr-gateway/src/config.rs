@@ -43,6 +43,44 @@ pub struct GatewayConfig {
     pub clusters: Vec<ClusterConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// What a client may send, and how slowly.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// A request body above this is refused (413). Default 10 MiB.
+    #[serde(default = "ten_mebibytes")]
+    pub max_body_bytes: u64,
+    /// The request line and headers, at most. Default 64 KiB (at least 8 KiB).
+    #[serde(default = "sixty_four_kibibytes")]
+    pub max_header_bytes: usize,
+    /// A client that has not sent its headers within this is disconnected (slowloris).
+    /// Default 10 s.
+    #[serde(default = "ten_seconds", with = "humantime_serde_lite")]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: ten_mebibytes(),
+            max_header_bytes: sixty_four_kibibytes(),
+            header_read_timeout: ten_seconds(),
+        }
+    }
+}
+
+fn ten_mebibytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn sixty_four_kibibytes() -> usize {
+    64 * 1024
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_listen() -> String {
@@ -374,6 +412,12 @@ impl GatewayConfig {
 
     /// Every rule a configuration must keep.
     pub fn check(&self) -> Result<(), ConfigError> {
+        if self.limits.max_header_bytes < 8 * 1024 {
+            return Err(error("limits.max_header_bytes", "at least 8192"));
+        }
+        if self.limits.header_read_timeout.is_zero() {
+            return Err(error("limits.header_read_timeout", "above 0"));
+        }
         let mut clusters = HashSet::new();
         for (i, cluster) in self.clusters.iter().enumerate() {
             let key = format!("clusters[{i}]");

@@ -28,13 +28,16 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::balance::Balancer;
 use crate::config::RetryOn;
-use crate::config::{BalanceKind, GatewayConfig, HealthConfig, parse_url};
+use crate::config::{BalanceKind, GatewayConfig, HealthConfig, LimitsConfig, parse_url};
 use crate::resilience::{Breaker, BreakerState, RetryBudget};
 use crate::route::RouteTable;
-use crate::stack::{ClientAddr, Routed};
+use crate::stack::{BodyLimit, ClientAddr, Routed};
 
-/// The body of everything the gateway answers.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+/// Why a body stopped: the network, or a limit.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of everything the gateway sends and answers.
+pub type Body = BoxBody<Bytes, BodyError>;
 
 /// Bodies up to this size are buffered so that a failed connection can be retried.
 const RETRY_BODY_MAX: u64 = 64 * 1024;
@@ -77,6 +80,7 @@ pub struct HealthTarget {
 /// The running proxy of one configuration.
 pub struct Proxy {
     table: RouteTable,
+    limits: LimitsConfig,
     clusters: HashMap<String, Cluster>,
     client: Client<HttpConnector, Body>,
 }
@@ -131,6 +135,7 @@ impl Proxy {
             .build(connector);
         Self {
             table: RouteTable::new(config),
+            limits: config.limits.clone(),
             clusters,
             client,
         }
@@ -170,6 +175,11 @@ impl Proxy {
     /// The upstream client (the health checks use it too).
     pub fn client(&self) -> &Client<HttpConnector, Body> {
         &self.client
+    }
+
+    /// What clients may send (the server and the body-limit layer apply it).
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.limits
     }
 
     /// The route table (the route layer uses it).
@@ -309,7 +319,15 @@ impl Proxy {
                 };
                 let body: Body = match (&buffered, streamed.take()) {
                     (Some(bytes), _) => Full::new(bytes.clone()).map_err(|e| match e {}).boxed(),
-                    (None, Some(body)) => body.boxed(),
+                    (None, Some(body)) => {
+                        // Streamed: cut off at the limit (the upstream sees the error).
+                        let max = parts
+                            .extensions
+                            .get::<BodyLimit>()
+                            .map_or(self.limits.max_body_bytes, |l| l.0);
+                        http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+                            .boxed()
+                    }
                     (None, None) => Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
                 };
                 let mut upstream = Request::new(body);
@@ -339,7 +357,7 @@ impl Proxy {
                         }
                         let (mut parts, body) = response.into_parts();
                         strip_hop_by_hop(&mut parts.headers);
-                        return Response::from_parts(parts, body.boxed());
+                        return Response::from_parts(parts, body.map_err(BodyError::from).boxed());
                     }
                     Ok(Err(e)) if e.is_connect() => {
                         // Nothing reached the endpoint: another one may take it once,
@@ -495,6 +513,7 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let limits = proxy.limits().clone();
     let stack = crate::stack::stack(proxy);
     tokio::pin!(shutdown);
     loop {
@@ -510,6 +529,9 @@ pub async fn serve(
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_buf_size(limits.max_header_bytes)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {

@@ -49,9 +49,13 @@ pub struct RouteName(pub Arc<str>);
 /// The gateway: every layer, in order, around the proxy.
 pub fn stack(proxy: Arc<Proxy>) -> Stack {
     let routing = Arc::clone(&proxy);
+    let max_body = proxy.limits().max_body_bytes;
     ServiceBuilder::new()
         .layer(middleware(request_id))
         .layer(middleware(access_log))
+        .layer(middleware(move |request, next| {
+            body_limit(max_body, request, next)
+        }))
         .layer(middleware(move |request, next| {
             route(Arc::clone(&routing), request, next)
         }))
@@ -212,6 +216,30 @@ async fn access_log(request: Request<Incoming>, next: Next) -> Response<Body> {
     );
     response
 }
+
+/// A declared body above the limit is refused at once (413 `payload_too_large`); an
+/// undeclared (chunked) one is cut off at the limit on its way upstream.
+async fn body_limit(max: u64, request: Request<Incoming>, next: Next) -> Response<Body> {
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("a request body is at most {max} bytes"),
+        );
+    }
+    let mut request = request;
+    request.extensions_mut().insert(BodyLimit(max));
+    next.run(request).await
+}
+
+/// The body limit, for the proxy to apply to a streamed body.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit(pub u64);
 
 /// Finds the request's route (404 `no_route` without one) and its cluster (a split's
 /// draw), for every layer after it.

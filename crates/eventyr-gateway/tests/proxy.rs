@@ -549,3 +549,58 @@ async fn idempotent_requests_are_retried_within_the_budget() {
         .expect("send");
     assert_eq!(stingy.status(), 503, "no budget, no retry");
 }
+
+/// Bodies and headers above the limits are refused before any upstream sees them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused() {
+    let a = upstream("a").await;
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        limits = {{ max_body_bytes = 1000, max_header_bytes = 8192 }}
+
+        [[clusters]]
+        name = "a"
+        endpoints = [{{ url = "{a}" }}]
+
+        [[routes]]
+        name = "a"
+        path = {{ prefix = "/" }}
+        cluster = "a"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let client = reqwest::Client::new();
+    let fits = client
+        .post(format!("{gateway}/x"))
+        .body("x".repeat(1000))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(fits.status(), 200);
+    let big = client
+        .post(format!("{gateway}/x"))
+        .body("x".repeat(1001))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(big.status(), 413);
+    let body: Value = big.json().await.expect("json");
+    assert_eq!(body["error"], "payload_too_large");
+    let huge_header = client
+        .get(format!("{gateway}/x"))
+        .header("x-big", "y".repeat(10_000))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(huge_header.status(), 431);
+}
