@@ -113,6 +113,46 @@ pub struct ClusterConfig {
     pub retry_budget: BudgetConfig,
 }
 
+/// A route's CORS policy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// Origins allowed (`https://shop.example.com`), or `["*"]` for any.
+    pub allow_origins: Vec<String>,
+    /// Default GET, HEAD, POST, PUT, PATCH, DELETE.
+    #[serde(default = "cors_methods")]
+    pub allow_methods: Vec<String>,
+    /// Request headers allowed. Default content-type, authorization, x-request-id.
+    #[serde(default = "cors_headers")]
+    pub allow_headers: Vec<String>,
+    /// Response headers the page may read. Default x-request-id.
+    #[serde(default = "cors_expose")]
+    pub expose_headers: Vec<String>,
+    /// Cookies and credentials allowed (never with `*`). Default false.
+    #[serde(default)]
+    pub allow_credentials: bool,
+    /// How long a browser may keep a preflight's answer. Default 10 min.
+    #[serde(default = "ten_minutes", with = "humantime_serde_lite")]
+    pub max_age: Duration,
+}
+
+fn cors_methods() -> Vec<String> {
+    ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+        .map(str::to_owned)
+        .to_vec()
+}
+fn cors_headers() -> Vec<String> {
+    ["content-type", "authorization", "x-request-id"]
+        .map(str::to_owned)
+        .to_vec()
+}
+fn cors_expose() -> Vec<String> {
+    vec!["x-request-id".to_owned()]
+}
+fn ten_minutes() -> Duration {
+    Duration::from_secs(600)
+}
+
 /// How a route retries: at most `attempts` in all, only idempotent methods (GET,
 /// HEAD, OPTIONS, PUT, DELETE, TRACE) with a body small enough to be kept, only on
 /// the listed conditions, each attempt within `per_try_timeout` (default the route's
@@ -347,6 +387,8 @@ pub struct RouteConfig {
     /// How long the upstream may take to answer, e.g. "5s". Default 30 s.
     #[serde(default, with = "humantime_serde_lite::option")]
     pub timeout: Option<Duration>,
+    /// Cross-origin requests from browsers; absent: no CORS headers.
+    pub cors: Option<CorsConfig>,
     /// Retries of failed attempts; none by default (beyond the one retry of a failed
     /// connection on another endpoint, which every route has).
     #[serde(default)]
@@ -512,6 +554,21 @@ impl GatewayConfig {
                 .is_some_and(|t| t.is_zero() || t > Duration::from_secs(3600))
             {
                 return Err(error(format!("{key}.timeout"), "above 0, at most 1h"));
+            }
+            if let Some(cors) = &route.cors {
+                let any = cors.allow_origins.iter().any(|o| o == "*");
+                if cors.allow_origins.is_empty() {
+                    return Err(error(
+                        format!("{key}.cors.allow_origins"),
+                        "at least one origin, or \"*\"",
+                    ));
+                }
+                if any && cors.allow_credentials {
+                    return Err(error(
+                        format!("{key}.cors.allow_credentials"),
+                        "credentials cannot go with any origin (\"*\")",
+                    ));
+                }
             }
             if route.retries.attempts == 0 || route.retries.attempts > 10 {
                 return Err(error(format!("{key}.retries.attempts"), "1 to 10"));

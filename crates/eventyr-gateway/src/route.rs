@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{GatewayConfig, PathConfig, RetryConfig, RewriteConfig};
+use crate::config::{CorsConfig, GatewayConfig, PathConfig, RetryConfig, RewriteConfig};
 
 /// A path pattern, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +183,7 @@ pub struct Route {
     pub name: Arc<str>,
     pub timeout: Duration,
     pub retries: RetryConfig,
+    pub cors: Option<Arc<CorsConfig>>,
     priority: i32,
     host: Option<String>,
     path: PathPattern,
@@ -199,6 +200,7 @@ pub struct Matched<'a> {
     pub route: &'a Arc<str>,
     pub timeout: Duration,
     pub retries: &'a RetryConfig,
+    pub cors: Option<&'a Arc<CorsConfig>>,
     pub params: Vec<(String, String)>,
     pub upstream_path: String,
     clusters: &'a [(String, u32)],
@@ -253,6 +255,7 @@ impl RouteTable {
                         name: Arc::from(r.name.as_str()),
                         timeout: r.timeout.unwrap_or(DEFAULT_TIMEOUT),
                         retries: r.retries.clone(),
+                        cors: r.cors.clone().map(Arc::new),
                         priority: r.priority,
                         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                         path,
@@ -313,6 +316,7 @@ impl RouteTable {
                 route: &route.name,
                 timeout: route.timeout,
                 retries: &route.retries,
+                cors: route.cors.as_ref(),
                 params,
                 upstream_path,
                 clusters: &route.clusters,

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
+use crate::config::CorsConfig;
 use crate::proxy::{Body, Proxy, error};
 use crate::route::RequestHead;
 
@@ -40,6 +41,7 @@ pub struct Routed {
     pub params: Vec<(String, String)>,
     pub timeout: std::time::Duration,
     pub retries: crate::config::RetryConfig,
+    pub cors: Option<Arc<CorsConfig>>,
 }
 
 /// The route's name on the response (for the access log and metrics outside it).
@@ -59,7 +61,8 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
         .layer(middleware(move |request, next| {
             route(Arc::clone(&routing), request, next)
         }))
-        // CORS → authentication → authorization → rate limit → cache: next (issue 7).
+        .layer(middleware(cors))
+        // Authentication → authorization → rate limit → cache: next (issue 7).
         // Circuit breaker and retries join the timeout here.
         .layer(middleware(timeout))
         .service(tower::service_fn(move |request| {
@@ -252,9 +255,14 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             .map(str::to_owned)
             .or_else(|| request.uri().authority().map(|a| a.to_string()));
         let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        // A CORS preflight is routed as the request it asks about.
+        let method = match lookup("access-control-request-method") {
+            Some(asked) if request.method() == http::Method::OPTIONS => asked,
+            _ => request.method().as_str(),
+        };
         let head = RequestHead {
             host: host.as_deref(),
-            method: request.method().as_str(),
+            method,
             path: request.uri().path(),
             header: &lookup,
         };
@@ -265,6 +273,7 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             params: m.params.clone(),
             timeout: m.timeout,
             retries: m.retries.clone(),
+            cors: m.cors.cloned(),
         })
     };
     let Some(routed) = routed else {
@@ -279,6 +288,106 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
     let mut response = next.run(request).await;
     response.extensions_mut().insert(name);
     response
+}
+
+/// The route's CORS policy: a preflight (OPTIONS with `Origin` and
+/// `Access-Control-Request-Method`) is answered here — 204 with the policy for an
+/// allowed origin, 403 `cors_forbidden` otherwise; an actual request from an allowed
+/// origin gets `Access-Control-Allow-Origin` (and credentials, exposed headers) on its
+/// answer. `Vary: Origin` whenever the answer depends on it.
+async fn cors(request: Request<Incoming>, next: Next) -> Response<Body> {
+    let policy = request
+        .extensions()
+        .get::<Routed>()
+        .and_then(|r| r.cors.clone());
+    let origin = request
+        .headers()
+        .get(http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (Some(policy), Some(origin)) = (policy, origin) else {
+        return next.run(request).await;
+    };
+    let any = policy.allow_origins.iter().any(|o| o == "*");
+    let allowed = any
+        || policy
+            .allow_origins
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(&origin));
+    let preflight = request.method() == http::Method::OPTIONS
+        && request
+            .headers()
+            .contains_key("access-control-request-method");
+    if preflight {
+        let asked = request
+            .headers()
+            .get("access-control-request-method")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !allowed || !policy.allow_methods.iter().any(|m| m == asked) {
+            return error(
+                StatusCode::FORBIDDEN,
+                "cors_forbidden",
+                format!("{origin} may not send {asked} here"),
+            );
+        }
+        let empty = http_body_util::Empty::<bytes::Bytes>::new();
+        let mut response = Response::new(http_body_util::BodyExt::boxed(
+            http_body_util::BodyExt::map_err(empty, |e| match e {}),
+        ));
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        let headers = response.headers_mut();
+        allow_origin(headers, &policy, &origin, any);
+        let mut set = |name: &'static str, value: String| {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        };
+        set(
+            "access-control-allow-methods",
+            policy.allow_methods.join(", "),
+        );
+        set(
+            "access-control-allow-headers",
+            policy.allow_headers.join(", "),
+        );
+        set(
+            "access-control-max-age",
+            policy.max_age.as_secs().to_string(),
+        );
+        return response;
+    }
+    let mut response = next.run(request).await;
+    if allowed {
+        let headers = response.headers_mut();
+        allow_origin(headers, &policy, &origin, any);
+        if !policy.expose_headers.is_empty()
+            && let Ok(value) = HeaderValue::from_str(&policy.expose_headers.join(", "))
+        {
+            headers.insert("access-control-expose-headers", value);
+        }
+    }
+    response
+}
+
+fn allow_origin(headers: &mut http::HeaderMap, policy: &CorsConfig, origin: &str, any: bool) {
+    let value = if any && !policy.allow_credentials {
+        "*"
+    } else {
+        origin
+    };
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert("access-control-allow-origin", value);
+    }
+    if policy.allow_credentials {
+        headers.insert(
+            "access-control-allow-credentials",
+            HeaderValue::from_static("true"),
+        );
+    }
+    if value != "*" {
+        headers.append(http::header::VARY, HeaderValue::from_static("Origin"));
+    }
 }
 
 /// The route's timeout: no answer in time is 504 `upstream_timeout`.

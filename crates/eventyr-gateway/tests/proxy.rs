@@ -604,3 +604,103 @@ async fn oversized_requests_are_refused() {
         .expect("send");
     assert_eq!(huge_header.status(), 431);
 }
+
+/// A route's CORS policy: preflights answered by the gateway (allowed or 403), actual
+/// requests from allowed origins get the headers, others none; routes without a
+/// policy add nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_follows_each_routes_policy() {
+    let a = upstream("a").await;
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [[clusters]]
+        name = "a"
+        endpoints = [{{ url = "{a}" }}]
+
+        [[routes]]
+        name = "shop"
+        path = {{ prefix = "/api" }}
+        methods = ["GET", "POST"]
+        cors = {{ allow_origins = ["https://shop.example.com"], allow_credentials = true }}
+        cluster = "a"
+
+        [[routes]]
+        name = "plain"
+        path = {{ prefix = "/plain" }}
+        cluster = "a"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let client = reqwest::Client::new();
+    let preflight = |origin: &'static str, method: &'static str| {
+        client
+            .request(reqwest::Method::OPTIONS, format!("{gateway}/api/orders"))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .send()
+    };
+    let allowed = preflight("https://shop.example.com", "POST")
+        .await
+        .expect("send");
+    assert_eq!(allowed.status(), 204);
+    let header = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        header(&allowed, "access-control-allow-origin").as_deref(),
+        Some("https://shop.example.com")
+    );
+    assert_eq!(
+        header(&allowed, "access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+    assert!(header(&allowed, "access-control-allow-methods").is_some_and(|m| m.contains("POST")));
+    assert_eq!(header(&allowed, "vary").as_deref(), Some("Origin"));
+    let refused = preflight("https://evil.example", "POST")
+        .await
+        .expect("send");
+    assert_eq!(refused.status(), 403);
+
+    let actual = client
+        .get(format!("{gateway}/api/orders"))
+        .header("origin", "https://shop.example.com")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(actual.status(), 200);
+    assert_eq!(
+        header(&actual, "access-control-allow-origin").as_deref(),
+        Some("https://shop.example.com")
+    );
+    assert_eq!(
+        header(&actual, "access-control-expose-headers").as_deref(),
+        Some("x-request-id")
+    );
+    let stranger = client
+        .get(format!("{gateway}/api/orders"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(header(&stranger, "access-control-allow-origin"), None);
+    let plain = client
+        .get(format!("{gateway}/plain"))
+        .header("origin", "https://shop.example.com")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(header(&plain, "access-control-allow-origin"), None);
+}
