@@ -45,6 +45,8 @@ pub struct GatewayConfig {
     pub routes: Vec<RouteConfig>,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Tokens, API keys and roles; absent: no route may require permissions.
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 /// What a client may send, and how slowly.
@@ -387,6 +389,9 @@ pub struct RouteConfig {
     /// How long the upstream may take to answer, e.g. "5s". Default 30 s.
     #[serde(default, with = "humantime_serde_lite::option")]
     pub timeout: Option<Duration>,
+    /// Permissions (`orders:read`) a caller needs; empty: a public route.
+    #[serde(default)]
+    pub permissions: Vec<String>,
     /// Cross-origin requests from browsers; absent: no CORS headers.
     pub cors: Option<CorsConfig>,
     /// Retries of failed attempts; none by default (beyond the one retry of a failed
@@ -459,6 +464,12 @@ impl GatewayConfig {
         }
         if self.limits.header_read_timeout.is_zero() {
             return Err(error("limits.header_read_timeout", "above 0"));
+        }
+        if let Some(auth) = &self.auth {
+            crate::auth::Authenticator::new(auth).map_err(|message| {
+                let (key, message) = message.split_once(": ").unwrap_or(("auth", &message));
+                error(key, message)
+            })?;
         }
         let mut clusters = HashSet::new();
         for (i, cluster) in self.clusters.iter().enumerate() {
@@ -554,6 +565,25 @@ impl GatewayConfig {
                 .is_some_and(|t| t.is_zero() || t > Duration::from_secs(3600))
             {
                 return Err(error(format!("{key}.timeout"), "above 0, at most 1h"));
+            }
+            for permission in &route.permissions {
+                let valid = permission
+                    .split_once(':')
+                    .is_some_and(|(resource, action)| {
+                        valid_name(resource) && (valid_name(action) || action == "*")
+                    });
+                if !valid {
+                    return Err(error(
+                        format!("{key}.permissions"),
+                        "resource:action, e.g. orders:read",
+                    ));
+                }
+            }
+            if !route.permissions.is_empty() && self.auth.is_none() {
+                return Err(error(
+                    format!("{key}.permissions"),
+                    "permissions need an [auth] section",
+                ));
             }
             if let Some(cors) = &route.cors {
                 let any = cors.allow_origins.iter().any(|o| o == "*");
@@ -730,6 +760,24 @@ mod tests {
         }
         let unknown = GatewayConfig::parse("colour = 1").expect_err("unknown key");
         assert!(unknown.message.contains("colour"), "{unknown}");
+    }
+
+    #[test]
+    fn auth_mistakes_name_their_key_too() {
+        let with_permissions = GOOD.replace(
+            "rewrite = { replace",
+            "permissions = [\"orders:read\"]\n        rewrite = { replace",
+        );
+        let error = GatewayConfig::parse(&with_permissions).expect_err("no [auth]");
+        assert_eq!(error.key, "routes[0].permissions");
+        let short = format!(
+            "{with_permissions}\n[auth]\nkeys = [{{ algorithm = \"HS256\", secret = \"short\" }}]\n"
+        );
+        let error = GatewayConfig::parse(&short).expect_err("short secret");
+        assert_eq!(error.key, "auth.keys[0].secret", "{error}");
+        let none = short.replace("HS256", "none");
+        let error = GatewayConfig::parse(&none).expect_err("alg none");
+        assert_eq!(error.key, "auth.keys[0].algorithm", "{error}");
     }
 
     #[test]

@@ -28,6 +28,7 @@
 //! Next: authentication (JWT, API keys, sessions), authorization, rate limiting,
 //! caching, aggregation routes, hot reload, the admin API, h2c and WebSocket upgrades.
 
+pub mod auth;
 pub mod balance;
 pub mod config;
 pub mod health;

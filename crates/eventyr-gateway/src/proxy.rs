@@ -26,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
+use crate::auth::Authenticator;
 use crate::balance::Balancer;
 use crate::config::RetryOn;
 use crate::config::{BalanceKind, GatewayConfig, HealthConfig, LimitsConfig, parse_url};
@@ -80,6 +81,7 @@ pub struct HealthTarget {
 /// The running proxy of one configuration.
 pub struct Proxy {
     table: RouteTable,
+    authenticator: Option<Authenticator>,
     limits: LimitsConfig,
     clusters: HashMap<String, Cluster>,
     client: Client<HttpConnector, Body>,
@@ -135,6 +137,11 @@ impl Proxy {
             .build(connector);
         Self {
             table: RouteTable::new(config),
+            // `check` has built it once already: the keys are valid.
+            authenticator: config
+                .auth
+                .as_ref()
+                .and_then(|a| Authenticator::new(a).ok()),
             limits: config.limits.clone(),
             clusters,
             client,
@@ -175,6 +182,11 @@ impl Proxy {
     /// The upstream client (the health checks use it too).
     pub fn client(&self) -> &Client<HttpConnector, Body> {
         &self.client
+    }
+
+    /// The verifier of tokens and API keys, when the configuration has `[auth]`.
+    pub fn authenticator(&self) -> Option<&Authenticator> {
+        self.authenticator.as_ref()
     }
 
     /// What clients may send (the server and the body-limit layer apply it).

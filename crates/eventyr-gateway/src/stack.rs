@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
+use crate::auth::Authenticated;
 use crate::config::CorsConfig;
 use crate::proxy::{Body, Proxy, error};
 use crate::route::RequestHead;
@@ -42,6 +43,7 @@ pub struct Routed {
     pub timeout: std::time::Duration,
     pub retries: crate::config::RetryConfig,
     pub cors: Option<Arc<CorsConfig>>,
+    pub permissions: Arc<[String]>,
 }
 
 /// The route's name on the response (for the access log and metrics outside it).
@@ -51,6 +53,8 @@ pub struct RouteName(pub Arc<str>);
 /// The gateway: every layer, in order, around the proxy.
 pub fn stack(proxy: Arc<Proxy>) -> Stack {
     let routing = Arc::clone(&proxy);
+    let authenticating = Arc::clone(&proxy);
+    let authorizing = Arc::clone(&proxy);
     let max_body = proxy.limits().max_body_bytes;
     ServiceBuilder::new()
         .layer(middleware(request_id))
@@ -62,7 +66,13 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
             route(Arc::clone(&routing), request, next)
         }))
         .layer(middleware(cors))
-        // Authentication → authorization → rate limit → cache: next (issue 7).
+        .layer(middleware(move |request, next| {
+            authentication(Arc::clone(&authenticating), request, next)
+        }))
+        .layer(middleware(move |request, next| {
+            authorization(Arc::clone(&authorizing), request, next)
+        }))
+        // Rate limit → cache: next (issue 7).
         // Circuit breaker and retries join the timeout here.
         .layer(middleware(timeout))
         .service(tower::service_fn(move |request| {
@@ -274,6 +284,7 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             timeout: m.timeout,
             retries: m.retries.clone(),
             cors: m.cors.cloned(),
+            permissions: Arc::clone(m.permissions),
         })
     };
     let Some(routed) = routed else {
@@ -388,6 +399,116 @@ fn allow_origin(headers: &mut http::HeaderMap, policy: &CorsConfig, origin: &str
     if value != "*" {
         headers.append(http::header::VARY, HeaderValue::from_static("Origin"));
     }
+}
+
+/// Finds who is calling: `Authorization: Bearer <jwt>` or `X-API-Key`. A credential
+/// that does not verify is 401 `invalid_token`; none is fine here (the route may be
+/// public). The client's own `X-User-ID` never passes; an authenticated request
+/// carries the gateway's.
+async fn authentication(
+    proxy: Arc<Proxy>,
+    mut request: Request<Incoming>,
+    next: Next,
+) -> Response<Body> {
+    request.headers_mut().remove("x-user-id");
+    let Some(authenticator) = proxy.authenticator() else {
+        return next.run(request).await;
+    };
+    let bearer = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .map(str::trim)
+                .map(str::to_owned)
+        });
+    let api_key = request
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let verified = match (bearer, api_key) {
+        (Some(Some(token)), _) => Some(
+            authenticator
+                .verify_token(&token)
+                .map_err(|e| ("invalid_token", e)),
+        ),
+        (Some(None), _) => Some(Err((
+            "invalid_token",
+            crate::auth::Refused("the Authorization header is not a Bearer token".to_owned()),
+        ))),
+        (None, Some(key)) => Some(
+            authenticator
+                .verify_api_key(&key)
+                .map_err(|e| ("invalid_api_key", e)),
+        ),
+        (None, None) => None,
+    };
+    match verified {
+        None => next.run(request).await,
+        Some(Ok(identity)) => {
+            if let Ok(value) = HeaderValue::from_str(&identity.user_id) {
+                request.headers_mut().insert("x-user-id", value);
+            }
+            request
+                .extensions_mut()
+                .insert(Authenticated(Arc::new(identity)));
+            next.run(request).await
+        }
+        Some(Err((reason, refused))) => {
+            crate::auth::security_event(reason, &refused.0);
+            let mut response = error(StatusCode::UNAUTHORIZED, "invalid_token", refused.0);
+            response.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+            response
+        }
+    }
+}
+
+/// The route's permissions: none needed, anyone; else a caller (401
+/// `unauthenticated`) whose roles grant every one (403 `forbidden`).
+async fn authorization(
+    proxy: Arc<Proxy>,
+    request: Request<Incoming>,
+    next: Next,
+) -> Response<Body> {
+    let needed = request
+        .extensions()
+        .get::<Routed>()
+        .map(|r| Arc::clone(&r.permissions))
+        .unwrap_or_else(|| Arc::from(Vec::new()));
+    if needed.is_empty() {
+        return next.run(request).await;
+    }
+    let Some(Authenticated(identity)) = request.extensions().get::<Authenticated>().cloned() else {
+        crate::auth::security_event("unauthenticated", request.uri().path());
+        let mut response = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "this route needs a bearer token or an API key",
+        );
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    };
+    let granted = proxy
+        .authenticator()
+        .is_some_and(|a| needed.iter().all(|p| a.grants(&identity, p)));
+    if !granted {
+        crate::auth::security_event("forbidden", &identity.user_id);
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{} may not {}", identity.user_id, needed.join(", ")),
+        );
+    }
+    next.run(request).await
 }
 
 /// The route's timeout: no answer in time is 504 `upstream_timeout`.

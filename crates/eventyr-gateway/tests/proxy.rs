@@ -36,6 +36,7 @@ async fn upstream(name: &'static str) -> String {
             "x-forwarded-proto": header("x-forwarded-proto"),
             "traceparent": header("traceparent"),
             "x-secret": header("x-secret"),
+            "x-user-id": header("x-user-id"),
         });
         let body = axum::body::to_bytes(body, 1 << 20)
             .await
@@ -703,4 +704,231 @@ async fn cors_follows_each_routes_policy() {
         .await
         .expect("send");
     assert_eq!(header(&plain, "access-control-allow-origin"), None);
+}
+
+const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+fn token(
+    algorithm: jsonwebtoken::Algorithm,
+    key: &jsonwebtoken::EncodingKey,
+    claims: Value,
+) -> String {
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(algorithm), &claims, key).expect("sign")
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// JWTs (HS256, RS256, ES256) and API keys authenticate; routes require permissions
+/// from roles; forged, expired, foreign and `alg: none` tokens and algorithm confusion
+/// are refused; a client's own X-User-ID never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_are_authenticated_and_authorized() {
+    use jsonwebtoken::{Algorithm, EncodingKey};
+    let a = upstream("a").await;
+    let rs_public = include_str!("keys/rs256-public.pem");
+    let es_public = include_str!("keys/es256-public.pem");
+    let api_key_digest = {
+        use sha2::Digest;
+        sha2::Sha256::digest(b"partner-key-1")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [auth]
+        issuer = "eventyr"
+        audience = "eventyr-api"
+        api_keys = [{{ consumer = "partner-a", tier = "premium", sha256 = "{api_key_digest}", roles = ["reader"] }}]
+        roles = {{ admin = ["*"], customer = ["orders:*"], reader = ["orders:read"] }}
+
+        [[auth.keys]]
+        algorithm = "HS256"
+        secret = "{SECRET}"
+
+        [[auth.keys]]
+        kid = "rsa-1"
+        algorithm = "RS256"
+        public_key = """{rs_public}"""
+
+        [[auth.keys]]
+        kid = "ec-1"
+        algorithm = "ES256"
+        public_key = """{es_public}"""
+
+        [[clusters]]
+        name = "a"
+        endpoints = [{{ url = "{a}" }}]
+
+        [[routes]]
+        name = "read"
+        path = {{ prefix = "/orders" }}
+        methods = ["GET"]
+        permissions = ["orders:read"]
+        cluster = "a"
+
+        [[routes]]
+        name = "admin"
+        path = {{ prefix = "/admin" }}
+        permissions = ["admin:write"]
+        cluster = "a"
+
+        [[routes]]
+        name = "public"
+        path = {{ prefix = "/public" }}
+        cluster = "a"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let client = reqwest::Client::new();
+    let call = |path: &'static str, auth: Option<(&'static str, String)>| {
+        let (client, gateway) = (client.clone(), gateway.clone());
+        async move {
+            let mut request = client
+                .get(format!("{gateway}{path}"))
+                .header("x-user-id", "spoofed");
+            if let Some((name, value)) = auth {
+                request = request.header(name, value);
+            }
+            let response = request.send().await.expect("send");
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (status, body)
+        }
+    };
+    let claims = |sub: &str, roles: &[&str], exp: u64| json!({ "sub": sub, "roles": roles, "iss": "eventyr", "aud": "eventyr-api", "exp": exp });
+    let hs = EncodingKey::from_secret(SECRET.as_bytes());
+    let bearer = |t: String| Some(("authorization", format!("Bearer {t}")));
+    let later = now() + 600;
+
+    // HS256: a customer reads orders; the upstream sees the gateway's X-User-ID.
+    let customer = token(Algorithm::HS256, &hs, claims("alice", &["customer"], later));
+    let (status, seen) = call("/orders/1", bearer(customer.clone())).await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(
+        seen["x-user-id"], "alice",
+        "the gateway's, not the client's"
+    );
+    let (status, body) = call("/admin/x", bearer(customer)).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+
+    // RS256 and ES256 with their kids; an admin may do anything.
+    let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+    header.kid = Some("rsa-1".to_owned());
+    let rs = EncodingKey::from_rsa_pem(include_bytes!("keys/rs256-private.pem")).expect("key");
+    let admin =
+        jsonwebtoken::encode(&header, &claims("root", &["admin"], later), &rs).expect("sign");
+    assert_eq!(call("/admin/x", bearer(admin)).await.0, 200);
+    let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+    header.kid = Some("ec-1".to_owned());
+    let es = EncodingKey::from_ec_pem(include_bytes!("keys/es256-private.pem")).expect("key");
+    let reader =
+        jsonwebtoken::encode(&header, &claims("bob", &["reader"], later), &es).expect("sign");
+    assert_eq!(call("/orders/2", bearer(reader)).await.0, 200);
+
+    // API keys.
+    assert_eq!(
+        call("/orders/3", Some(("x-api-key", "partner-key-1".to_owned())))
+            .await
+            .0,
+        200
+    );
+    let (status, body) = call("/orders/3", Some(("x-api-key", "guess".to_owned()))).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
+
+    // No credential on a protected route; a bad one anywhere.
+    let (status, body) = call("/orders/4", None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let refusals = [
+        (
+            "expired",
+            token(
+                Algorithm::HS256,
+                &hs,
+                claims("alice", &["customer"], now() - 600),
+            ),
+        ),
+        (
+            "foreign audience",
+            token(
+                Algorithm::HS256,
+                &hs,
+                json!({ "sub": "alice", "roles": ["customer"], "iss": "eventyr", "aud": "elsewhere", "exp": later }),
+            ),
+        ),
+        (
+            "other secret",
+            token(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(b"another-secret-of-32-bytes-or-more!!"),
+                claims("alice", &["customer"], later),
+            ),
+        ),
+        // Algorithm confusion: the RS256 public key as an HS256 secret.
+        (
+            "confusion",
+            token(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(rs_public.as_bytes()),
+                claims("alice", &["admin"], later),
+            ),
+        ),
+        (
+            "alg none",
+            format!(
+                "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+                base64_url(&claims("alice", &["admin"], later).to_string())
+            ),
+        ),
+    ];
+    for (what, bad) in refusals {
+        let (status, body) = call("/public/x", bearer(bad)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_token")),
+            "{what}: {body}"
+        );
+    }
+    // A public route without a credential: no X-User-ID at all.
+    let (status, seen) = call("/public/x", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        seen["x-user-id"],
+        Value::Null,
+        "a spoofed X-User-ID is dropped"
+    );
+}
+
+fn base64_url(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
 }

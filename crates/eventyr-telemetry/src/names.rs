@@ -60,6 +60,8 @@ pub const GATEWAY_CIRCUIT_OPEN: &str = "eventyr_gateway_circuit_open";
 /// Requests the gateway shed before any upstream saw them, by cluster and reason
 /// (`circuit_open`, `overloaded`).
 pub const GATEWAY_SHED_TOTAL: &str = "eventyr_gateway_shed_total";
+/// Credentials the gateway refused (security events), by reason.
+pub const GATEWAY_AUTH_FAILURES_TOTAL: &str = "eventyr_gateway_auth_failures_total";
 /// Label: a gateway cluster's name (from its configuration: bounded).
 pub const LABEL_CLUSTER: &str = "cluster";
 /// Label: why a request was shed.
@@ -239,6 +241,10 @@ pub fn describe() {
     describe_gauge!(
         SAGA_FLOWS_STUCK,
         "Choreographed flows not finished within their deadline, by flow."
+    );
+    describe_counter!(
+        GATEWAY_AUTH_FAILURES_TOTAL,
+        "Credentials the gateway refused (invalid tokens, unknown API keys, missing or insufficient credentials), by reason."
     );
     describe_gauge!(
         GATEWAY_CIRCUIT_OPEN,

@@ -1,0 +1,287 @@
+//! Who is calling, and may they: JWT bearer tokens and API keys (authentication),
+//! then roles → `resource:action` permissions per route (authorization).
+//!
+//! Tokens: HS256, RS256 or ES256, each key with its own algorithm — a token is only
+//! ever checked with a key's configured algorithm, so `alg: none` and algorithm
+//! confusion (an RS256 public key used as an HS256 secret) fail; issuer, audience,
+//! expiry and not-before are checked with a small leeway. API keys are stored as
+//! SHA-256 digests and compared in constant time. A presented credential that does
+//! not verify is 401 `invalid_token` on any route; a route with permissions needs a
+//! credential (401 `unauthenticated`, with `WWW-Authenticate: Bearer`) that grants
+//! them all (403 `forbidden`). The client's own `X-User-ID` is always dropped; the
+//! gateway sets it for an authenticated request.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventyr_telemetry::names;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::humantime_serde_lite;
+
+/// The `[auth]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tokens must have this `iss`, when set.
+    pub issuer: Option<String>,
+    /// Tokens must have this `aud`, when set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`. Default 30 s.
+    #[serde(default = "thirty_seconds", with = "humantime_serde_lite")]
+    pub leeway: Duration,
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Role → permissions (`orders:read`, `orders:*`, `*`).
+    #[serde(default)]
+    pub roles: BTreeMap<String, Vec<String>>,
+}
+
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A token-verification key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Matched against the token's `kid`, when both have one.
+    pub kid: Option<String>,
+    /// `HS256`, `RS256` or `ES256`.
+    pub algorithm: String,
+    /// HS256: the shared secret.
+    pub secret: Option<String>,
+    /// RS256 / ES256: the public key, PEM.
+    pub public_key: Option<String>,
+}
+
+/// An API key, stored as the hex SHA-256 of the key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub consumer: String,
+    /// free, premium or enterprise. Default free.
+    #[serde(default = "free")]
+    pub tier: String,
+    pub sha256: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+}
+
+fn free() -> String {
+    "free".to_owned()
+}
+
+/// Who a request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's `sub`, or the API key's consumer.
+    pub user_id: String,
+    pub roles: Vec<String>,
+    pub tier: String,
+    /// `jwt` or `api_key`.
+    pub method: &'static str,
+}
+
+/// Why a credential was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    roles: Vec<String>,
+    #[serde(default)]
+    tier: Option<String>,
+}
+
+struct Key {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// The verifier of one configuration.
+pub struct Authenticator {
+    keys: Vec<Key>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Duration,
+    api_keys: Vec<([u8; 32], ApiKeyConfig)>,
+    roles: BTreeMap<String, Vec<String>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("keys", &self.keys.len())
+            .field("api_keys", &self.api_keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Errors: a key that cannot be used, with its place (`auth.keys[0]: ...`).
+    pub fn new(config: &AuthConfig) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for (i, key) in config.keys.iter().enumerate() {
+            let at = format!("auth.keys[{i}]");
+            let (algorithm, decoding) = match (key.algorithm.as_str(), &key.secret, &key.public_key)
+            {
+                ("HS256", Some(secret), None) if secret.len() >= 32 => (
+                    Algorithm::HS256,
+                    DecodingKey::from_secret(secret.as_bytes()),
+                ),
+                ("HS256", Some(_), None) => {
+                    return Err(format!("{at}.secret: at least 32 bytes"));
+                }
+                ("RS256", None, Some(pem)) => (
+                    Algorithm::RS256,
+                    DecodingKey::from_rsa_pem(pem.as_bytes())
+                        .map_err(|e| format!("{at}.public_key: {e}"))?,
+                ),
+                ("ES256", None, Some(pem)) => (
+                    Algorithm::ES256,
+                    DecodingKey::from_ec_pem(pem.as_bytes())
+                        .map_err(|e| format!("{at}.public_key: {e}"))?,
+                ),
+                ("HS256" | "RS256" | "ES256", _, _) => {
+                    return Err(format!(
+                        "{at}: HS256 takes a secret, RS256 and ES256 a public_key"
+                    ));
+                }
+                (other, _, _) => {
+                    return Err(format!(
+                        "{at}.algorithm: HS256, RS256 or ES256, not {other}"
+                    ));
+                }
+            };
+            keys.push(Key {
+                kid: key.kid.clone(),
+                algorithm,
+                key: decoding,
+            });
+        }
+        let mut api_keys = Vec::new();
+        for (i, api_key) in config.api_keys.iter().enumerate() {
+            let digest = hex32(&api_key.sha256)
+                .ok_or_else(|| format!("auth.api_keys[{i}].sha256: 64 hex digits"))?;
+            api_keys.push((digest, api_key.clone()));
+        }
+        Ok(Self {
+            keys,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            leeway: config.leeway,
+            api_keys,
+            roles: config.roles.clone(),
+        })
+    }
+
+    /// The identity of a bearer token.
+    pub fn verify_token(&self, token: &str) -> Result<Identity, Refused> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| Refused(format!("malformed token: {e}")))?;
+        let candidates = self.keys.iter().filter(|k| match (&k.kid, &header.kid) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            _ => true,
+        });
+        let mut last = Refused("no key verifies this token".to_owned());
+        for key in candidates {
+            // The key's own algorithm, whatever the token says.
+            let mut validation = Validation::new(key.algorithm);
+            validation.leeway = self.leeway.as_secs();
+            validation.validate_nbf = true;
+            validation.set_required_spec_claims(&["exp", "sub"]);
+            match &self.issuer {
+                Some(issuer) => validation.set_issuer(&[issuer]),
+                None => validation.iss = None,
+            }
+            match &self.audience {
+                Some(audience) => validation.set_audience(&[audience]),
+                None => validation.validate_aud = false,
+            }
+            match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
+                Ok(data) => {
+                    let claims = data.claims;
+                    return Ok(Identity {
+                        user_id: claims.sub,
+                        roles: claims.roles,
+                        tier: claims.tier.unwrap_or_else(free),
+                        method: "jwt",
+                    });
+                }
+                Err(e) => last = Refused(e.to_string()),
+            }
+        }
+        Err(last)
+    }
+
+    /// The identity of an API key.
+    pub fn verify_api_key(&self, key: &str) -> Result<Identity, Refused> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        // Every stored key is compared, in constant time: no early exit to time.
+        let mut found = None;
+        for (stored, config) in &self.api_keys {
+            if constant_time_eq(stored, &digest) {
+                found = Some(config);
+            }
+        }
+        let config = found.ok_or_else(|| Refused("unknown API key".to_owned()))?;
+        Ok(Identity {
+            user_id: config.consumer.clone(),
+            roles: config.roles.clone(),
+            tier: config.tier.clone(),
+            method: "api_key",
+        })
+    }
+
+    /// Whether `identity`'s roles grant `permission` (`orders:read`; a role may hold
+    /// `orders:*` or `*`).
+    pub fn grants(&self, identity: &Identity, permission: &str) -> bool {
+        let resource = permission.split(':').next().unwrap_or_default();
+        identity
+            .roles
+            .iter()
+            .filter_map(|role| self.roles.get(role))
+            .flatten()
+            .any(|held| {
+                held == "*"
+                    || held == permission
+                    || held.strip_suffix(":*").is_some_and(|r| r == resource)
+            })
+    }
+}
+
+/// Counts and logs a refused credential (a security event).
+pub fn security_event(reason: &'static str, detail: &str) {
+    metrics::counter!(names::GATEWAY_AUTH_FAILURES_TOTAL, names::LABEL_REASON => reason)
+        .increment(1);
+    tracing::warn!(target: "eventyr_gateway::security", reason, detail, "credential refused");
+}
+
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// The identity the authentication layer found, for the layers after it.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Arc<Identity>);
