@@ -47,6 +47,20 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// Tokens, API keys and roles; absent: no route may require permissions.
     pub auth: Option<crate::auth::AuthConfig>,
+    /// Rate-limit rules (`[[rate_limits]]`).
+    #[serde(default)]
+    pub rate_limits: Vec<crate::ratelimit::RuleConfig>,
+    /// Keys a rule keeps at most (idle ones go first). Default 100 000.
+    #[serde(default = "hundred_thousand")]
+    pub rate_limit_max_keys: usize,
+    /// Proxies whose `X-Forwarded-For` names the client (CIDRs); nobody else's is
+    /// believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+fn hundred_thousand() -> usize {
+    100_000
 }
 
 /// What a client may send, and how slowly.
@@ -470,6 +484,40 @@ impl GatewayConfig {
                 let (key, message) = message.split_once(": ").unwrap_or(("auth", &message));
                 error(key, message)
             })?;
+        }
+        for (i, proxy) in self.trusted_proxies.iter().enumerate() {
+            if crate::ratelimit::Cidr::parse(proxy).is_none() {
+                return Err(error(
+                    format!("trusted_proxies[{i}]"),
+                    "an address or a CIDR, e.g. 10.0.0.0/8",
+                ));
+            }
+        }
+        let mut rules = HashSet::new();
+        for (i, rule) in self.rate_limits.iter().enumerate() {
+            let key = format!("rate_limits[{i}]");
+            if !valid_name(&rule.name) {
+                return Err(error(format!("{key}.name"), NAME_RULE));
+            }
+            if !rules.insert(rule.name.as_str()) {
+                return Err(error(format!("{key}.name"), "appears twice"));
+            }
+            if rule.limit == 0 || rule.burst == Some(0) {
+                return Err(error(
+                    format!("{key}.limit"),
+                    "limit and burst are at least 1",
+                ));
+            }
+            if rule.period < Duration::from_millis(1) {
+                return Err(error(format!("{key}.period"), "at least 1ms"));
+            }
+            let tiers = ["free", "premium", "enterprise", "anonymous"];
+            if rule.tier.as_deref().is_some_and(|t| !tiers.contains(&t)) {
+                return Err(error(
+                    format!("{key}.tier"),
+                    "free, premium, enterprise or anonymous",
+                ));
+            }
         }
         let mut clusters = HashSet::new();
         for (i, cluster) in self.clusters.iter().enumerate() {

@@ -33,6 +33,7 @@ pub mod balance;
 pub mod config;
 pub mod health;
 pub mod proxy;
+pub mod ratelimit;
 pub mod resilience;
 pub mod route;
 pub mod stack;

@@ -30,6 +30,7 @@ use crate::auth::Authenticator;
 use crate::balance::Balancer;
 use crate::config::RetryOn;
 use crate::config::{BalanceKind, GatewayConfig, HealthConfig, LimitsConfig, parse_url};
+use crate::ratelimit::{Cidr, Rule};
 use crate::resilience::{Breaker, BreakerState, RetryBudget};
 use crate::route::RouteTable;
 use crate::stack::{BodyLimit, ClientAddr, Routed};
@@ -81,6 +82,9 @@ pub struct HealthTarget {
 /// The running proxy of one configuration.
 pub struct Proxy {
     table: RouteTable,
+    /// Rate-limit rules, highest priority first.
+    rules: Vec<Rule>,
+    trusted: Vec<Cidr>,
     authenticator: Option<Authenticator>,
     limits: LimitsConfig,
     clusters: HashMap<String, Cluster>,
@@ -135,8 +139,20 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
+        let mut rules: Vec<Rule> = config
+            .rate_limits
+            .iter()
+            .map(|r| Rule::new(r.clone(), config.rate_limit_max_keys))
+            .collect();
+        rules.sort_by_key(|r| std::cmp::Reverse(r.config.priority));
         Self {
             table: RouteTable::new(config),
+            rules,
+            trusted: config
+                .trusted_proxies
+                .iter()
+                .filter_map(|c| Cidr::parse(c))
+                .collect(),
             // `check` has built it once already: the keys are valid.
             authenticator: config
                 .auth
@@ -182,6 +198,16 @@ impl Proxy {
     /// The upstream client (the health checks use it too).
     pub fn client(&self) -> &Client<HttpConnector, Body> {
         &self.client
+    }
+
+    /// The rate-limit rules, highest priority first.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub fn trusted_proxies(&self) -> &[Cidr] {
+        &self.trusted
     }
 
     /// The verifier of tokens and API keys, when the configuration has `[auth]`.

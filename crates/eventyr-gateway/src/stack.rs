@@ -55,6 +55,7 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
     let routing = Arc::clone(&proxy);
     let authenticating = Arc::clone(&proxy);
     let authorizing = Arc::clone(&proxy);
+    let limiting = Arc::clone(&proxy);
     let max_body = proxy.limits().max_body_bytes;
     ServiceBuilder::new()
         .layer(middleware(request_id))
@@ -72,7 +73,10 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
         .layer(middleware(move |request, next| {
             authorization(Arc::clone(&authorizing), request, next)
         }))
-        // Rate limit → cache: next (issue 7).
+        .layer(middleware(move |request, next| {
+            rate_limit(Arc::clone(&limiting), request, next)
+        }))
+        // Cache: next (issue 7).
         // Circuit breaker and retries join the timeout here.
         .layer(middleware(timeout))
         .service(tower::service_fn(move |request| {
@@ -509,6 +513,124 @@ async fn authorization(
         );
     }
     next.run(request).await
+}
+
+/// The rate-limit rules that cover the request's route and caller, highest priority
+/// first: each counts the request under its key; the first denial answers 429 with
+/// `Retry-After` (a rule in shadow mode only counts it). Every limited answer carries
+/// the IETF draft headers (`RateLimit-Policy`, `RateLimit`, of the tightest rule) and
+/// `X-RateLimit-Limit/-Remaining/-Reset`.
+async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Response<Body> {
+    use crate::ratelimit::{Decision, KeyKind};
+    if proxy.rules().is_empty() {
+        return next.run(request).await;
+    }
+    let route = request
+        .extensions()
+        .get::<Routed>()
+        .map_or_else(|| Arc::from("none"), |r| Arc::clone(&r.route));
+    let identity = request
+        .extensions()
+        .get::<Authenticated>()
+        .map(|a| Arc::clone(&a.0));
+    let tier = identity.as_ref().map_or("anonymous", |i| i.tier.as_str());
+    let peer = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let forwarded = request
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client = crate::ratelimit::client_ip(peer, forwarded, proxy.trusted_proxies());
+    let mut tightest: Option<(&str, Decision, u64)> = None;
+    for rule in proxy.rules().iter().filter(|r| r.covers(&route, tier)) {
+        let key = match rule.config.key {
+            KeyKind::Global => "global".to_owned(),
+            KeyKind::Tier => format!("tier:{tier}"),
+            KeyKind::Consumer => match &identity {
+                Some(identity) => format!("consumer:{}", identity.user_id),
+                None => format!("ip:{client}"),
+            },
+            KeyKind::ApiKey => match &identity {
+                Some(identity) if identity.method == "api_key" => {
+                    format!("key:{}", identity.user_id)
+                }
+                _ => continue,
+            },
+            KeyKind::ClientIp => format!("ip:{client}"),
+        };
+        let decision = rule.check(&key);
+        let outcome = match (decision.allowed, rule.config.shadow) {
+            (true, _) => "allowed",
+            (false, true) => "shadow_limited",
+            (false, false) => "limited",
+        };
+        metrics::counter!(
+            names::GATEWAY_RATELIMIT_DECISIONS_TOTAL,
+            names::LABEL_RULE => rule.config.name.clone(),
+            names::LABEL_DECISION => outcome
+        )
+        .increment(1);
+        let window = rule.config.period.as_secs().max(1);
+        if !decision.allowed && rule.config.shadow {
+            tracing::info!(rule = %rule.config.name, key, "would be rate limited (shadow)");
+            continue;
+        }
+        if !decision.allowed {
+            tracing::info!(rule = %rule.config.name, key, "rate limited");
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("rate limit {} exceeded", rule.config.name),
+            );
+            let retry_after = decision.reset.as_secs_f64().ceil().max(1.0) as u64;
+            set_limit_headers(&mut response, &rule.config.name, decision, window);
+            if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, value);
+            }
+            return response;
+        }
+        // A shadow rule stays invisible to the client.
+        if !rule.config.shadow && tightest.is_none_or(|(_, d, _)| decision.remaining < d.remaining)
+        {
+            tightest = Some((&rule.config.name, decision, window));
+        }
+    }
+    let tightest = tightest.map(|(name, d, w)| (name.to_owned(), d, w));
+    let mut response = next.run(request).await;
+    if let Some((name, decision, window)) = tightest {
+        set_limit_headers(&mut response, &name, decision, window);
+    }
+    response
+}
+
+fn set_limit_headers(
+    response: &mut Response<Body>,
+    rule: &str,
+    decision: crate::ratelimit::Decision,
+    window: u64,
+) {
+    let reset = decision.reset.as_secs_f64().ceil() as u64;
+    let headers = response.headers_mut();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    set(
+        "ratelimit-policy",
+        format!("\"{rule}\";q={};w={window}", decision.limit),
+    );
+    set(
+        "ratelimit",
+        format!("\"{rule}\";r={};t={reset}", decision.remaining),
+    );
+    set("x-ratelimit-limit", decision.limit.to_string());
+    set("x-ratelimit-remaining", decision.remaining.to_string());
+    set("x-ratelimit-reset", reset.to_string());
 }
 
 /// The route's timeout: no answer in time is 504 `upstream_timeout`.

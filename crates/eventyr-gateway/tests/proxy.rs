@@ -932,3 +932,140 @@ fn base64_url(text: &str) -> String {
     }
     out
 }
+
+/// Rate limits through the gateway: per tier for callers with API keys, per client
+/// address for the rest (X-Forwarded-For believed only from trusted proxies), a rule
+/// in shadow mode that never denies; 429 with Retry-After and both header families.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_deny_with_their_headers() {
+    let a = upstream("a").await;
+    let digest = |key: &[u8]| {
+        use sha2::Digest;
+        sha2::Sha256::digest(key)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let (free, premium) = (digest(b"free-key"), digest(b"premium-key"));
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        trusted_proxies = ["10.0.0.0/8"]
+
+        [auth]
+        api_keys = [
+            {{ consumer = "f", tier = "free", sha256 = "{free}" }},
+            {{ consumer = "p", tier = "premium", sha256 = "{premium}" }},
+        ]
+
+        [[rate_limits]]
+        name = "free"
+        tier = "free"
+        algorithm = "sliding_window"
+        limit = 3
+        period = "1h"
+        key = "consumer"
+
+        [[rate_limits]]
+        name = "premium"
+        tier = "premium"
+        algorithm = "sliding_window"
+        limit = 6
+        period = "1h"
+        key = "consumer"
+
+        [[rate_limits]]
+        name = "per-ip"
+        tier = "anonymous"
+        algorithm = "gcra"
+        limit = 2
+        period = "1h"
+        key = "client_ip"
+
+        [[rate_limits]]
+        name = "trial"
+        routes = ["api"]
+        algorithm = "fixed_window"
+        limit = 1
+        period = "1h"
+        key = "global"
+        shadow = true
+
+        [[clusters]]
+        name = "a"
+        endpoints = [{{ url = "{a}" }}]
+
+        [[routes]]
+        name = "api"
+        path = {{ prefix = "/" }}
+        cluster = "a"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let client = reqwest::Client::new();
+    let send = |header: Option<(&'static str, &'static str)>| {
+        let (client, gateway) = (client.clone(), gateway.clone());
+        async move {
+            let mut request = client.get(format!("{gateway}/x"));
+            if let Some((name, value)) = header {
+                request = request.header(name, value);
+            }
+            request.send().await.expect("send")
+        }
+    };
+    let passed =
+        |responses: &[reqwest::Response]| responses.iter().filter(|r| r.status() == 200).count();
+    let mut free_answers = Vec::new();
+    for _ in 0..5 {
+        free_answers.push(send(Some(("x-api-key", "free-key"))).await);
+    }
+    assert_eq!(passed(&free_answers), 3, "free: 3 an hour");
+    let first = &free_answers[0];
+    assert_eq!(first.headers()["x-ratelimit-limit"], "3");
+    assert_eq!(first.headers()["x-ratelimit-remaining"], "2");
+    assert_eq!(first.headers()["ratelimit-policy"], "\"free\";q=3;w=3600");
+    let denied = &free_answers[4];
+    assert_eq!(denied.status(), 429);
+    assert!(denied.headers().contains_key("retry-after"));
+    assert_eq!(
+        denied.headers()["ratelimit"]
+            .to_str()
+            .expect("text")
+            .split(';')
+            .nth(1),
+        Some("r=0")
+    );
+
+    let mut premium_answers = Vec::new();
+    for _ in 0..8 {
+        premium_answers.push(send(Some(("x-api-key", "premium-key"))).await);
+    }
+    assert_eq!(
+        passed(&premium_answers),
+        6,
+        "premium: 6 an hour, its own count"
+    );
+
+    // Anonymous callers are counted by address; the loopback peer is not a trusted
+    // proxy, so a forged X-Forwarded-For changes nothing.
+    let mut anonymous = Vec::new();
+    for i in 0..4 {
+        let forged = if i % 2 == 0 {
+            "203.0.113.1"
+        } else {
+            "203.0.113.2"
+        };
+        anonymous.push(send(Some(("x-forwarded-for", forged))).await);
+    }
+    assert_eq!(passed(&anonymous), 2, "one address, whatever it claims");
+    // The shadow rule (1 an hour, global) would have denied most of these: it only counted.
+}

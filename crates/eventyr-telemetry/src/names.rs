@@ -62,6 +62,12 @@ pub const GATEWAY_CIRCUIT_OPEN: &str = "eventyr_gateway_circuit_open";
 pub const GATEWAY_SHED_TOTAL: &str = "eventyr_gateway_shed_total";
 /// Credentials the gateway refused (security events), by reason.
 pub const GATEWAY_AUTH_FAILURES_TOTAL: &str = "eventyr_gateway_auth_failures_total";
+/// Rate-limit decisions, by rule and decision (`allowed`, `limited`, `shadow_limited`).
+pub const GATEWAY_RATELIMIT_DECISIONS_TOTAL: &str = "eventyr_gateway_ratelimit_decisions_total";
+/// Label: a rate-limit rule's name (from the configuration: bounded).
+pub const LABEL_RULE: &str = "rule";
+/// Label: a rate-limit decision.
+pub const LABEL_DECISION: &str = "decision";
 /// Label: a gateway cluster's name (from its configuration: bounded).
 pub const LABEL_CLUSTER: &str = "cluster";
 /// Label: why a request was shed.
@@ -245,6 +251,10 @@ pub fn describe() {
     describe_counter!(
         GATEWAY_AUTH_FAILURES_TOTAL,
         "Credentials the gateway refused (invalid tokens, unknown API keys, missing or insufficient credentials), by reason."
+    );
+    describe_counter!(
+        GATEWAY_RATELIMIT_DECISIONS_TOTAL,
+        "Rate-limit decisions of the gateway, by rule and decision."
     );
     describe_gauge!(
         GATEWAY_CIRCUIT_OPEN,

@@ -1,0 +1,518 @@
+//! Rate limiting: rules matched to routes by pattern and priority, each with one of
+//! the four algorithms of the sources and a key (global, tier, consumer, API key,
+//! client IP); the first denial wins. This module holds the local backend (in
+//! memory, sharded, idle keys evicted: memory stays bounded); a Redis backend for
+//! limits shared by several gateways comes next.
+//!
+//! - fixed window: at most `limit` per window aligned on multiples of `period`;
+//! - sliding window: the fixed-window counter of now, plus the previous window's
+//!   weighted by how much of it still overlaps (Cloudflare's approximation);
+//! - token bucket: `burst` tokens, refilled at `limit` per `period`;
+//! - GCRA (a leaky bucket as a meter): the theoretical arrival time, moved by
+//!   `period / limit` per request, at most `burst` requests early; one atomic per key.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::config::humantime_serde_lite;
+
+/// One rule as configured (`[[rate_limits]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    /// Route names it applies to; `*` at the end matches a prefix (`orders*`), `*`
+    /// alone every route. Default every route.
+    #[serde(default = "every_route")]
+    pub routes: Vec<String>,
+    /// Higher first. Default 0.
+    #[serde(default)]
+    pub priority: i32,
+    pub algorithm: AlgorithmKind,
+    pub limit: u64,
+    #[serde(with = "humantime_serde_lite")]
+    pub period: Duration,
+    /// Token bucket and GCRA: requests that may come at once. Default `limit`.
+    pub burst: Option<u64>,
+    pub key: KeyKind,
+    /// Only callers of this tier (free, premium, enterprise, anonymous).
+    pub tier: Option<String>,
+    /// Counts without denying (to try a rule on live traffic).
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+fn every_route() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlgorithmKind {
+    FixedWindow,
+    SlidingWindow,
+    TokenBucket,
+    Gcra,
+}
+
+/// What a rule counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    Global,
+    Tier,
+    /// The authenticated caller, else the client address.
+    Consumer,
+    /// Only requests with an API key.
+    ApiKey,
+    ClientIp,
+}
+
+/// A decision of one rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Until the limit is whole again (allowed) or a request may pass (denied).
+    pub reset: Duration,
+}
+
+/// How many shards the counters are spread over.
+const SHARDS: usize = 16;
+
+/// Per-key state.
+enum Cell {
+    Window(Mutex<(u64, u64, u64)>),
+    Bucket(Mutex<(f64, Instant)>),
+    Gcra(AtomicU64),
+}
+
+struct Entry {
+    cell: Cell,
+    /// Last use, in ms since the limiter began (for eviction).
+    touched: AtomicU64,
+}
+
+/// One rule with its counters.
+pub struct Rule {
+    pub config: RuleConfig,
+    shards: Vec<RwLock<HashMap<String, Arc<Entry>>>>,
+    hasher: std::collections::hash_map::RandomState,
+    began: Instant,
+    /// Keys kept per shard at most; beyond, idle keys go first.
+    max_keys: usize,
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rule")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rule {
+    pub fn new(config: RuleConfig, max_keys: usize) -> Self {
+        Self {
+            config,
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            began: Instant::now(),
+            max_keys: (max_keys / SHARDS).max(16),
+        }
+    }
+
+    /// Whether the rule applies to `route`.
+    pub fn covers(&self, route: &str, tier: &str) -> bool {
+        let route_matches = self.config.routes.iter().any(|pattern| {
+            pattern == "*"
+                || pattern == route
+                || pattern
+                    .strip_suffix('*')
+                    .is_some_and(|prefix| route.starts_with(prefix))
+        });
+        route_matches && self.config.tier.as_deref().is_none_or(|t| t == tier)
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.duration_since(self.began).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn entry(&self, key: &str, now: Instant) -> Arc<Entry> {
+        let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
+        let stamp = self.millis(now);
+        if let Some(entry) = shard
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+        {
+            entry.touched.store(stamp, Ordering::Relaxed);
+            return Arc::clone(entry);
+        }
+        let mut map = shard
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= self.max_keys {
+            // Idle keys (untouched for two periods) go; if none, the oldest half.
+            let idle = self.millis(now).saturating_sub(2 * self.period_millis());
+            map.retain(|_, e| e.touched.load(Ordering::Relaxed) > idle);
+            if map.len() >= self.max_keys {
+                let mut stamps: Vec<u64> = map
+                    .values()
+                    .map(|e| e.touched.load(Ordering::Relaxed))
+                    .collect();
+                stamps.sort_unstable();
+                let cut = stamps[stamps.len() / 2];
+                map.retain(|_, e| e.touched.load(Ordering::Relaxed) > cut);
+            }
+        }
+        let cell = match self.config.algorithm {
+            AlgorithmKind::FixedWindow | AlgorithmKind::SlidingWindow => {
+                Cell::Window(Mutex::new((0, 0, 0)))
+            }
+            AlgorithmKind::TokenBucket => Cell::Bucket(Mutex::new((self.burst() as f64, now))),
+            AlgorithmKind::Gcra => Cell::Gcra(AtomicU64::new(0)),
+        };
+        Arc::clone(map.entry(key.to_owned()).or_insert_with(|| {
+            Arc::new(Entry {
+                cell,
+                touched: AtomicU64::new(stamp),
+            })
+        }))
+    }
+
+    fn period_millis(&self) -> u64 {
+        u64::try_from(self.config.period.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn burst(&self) -> u64 {
+        self.config.burst.unwrap_or(self.config.limit).max(1)
+    }
+
+    /// Counts one request of `key` now.
+    pub fn check(&self, key: &str) -> Decision {
+        self.check_at(key, Instant::now())
+    }
+
+    /// Counts one request of `key` at `now` (tests pass their own clock).
+    pub fn check_at(&self, key: &str, now: Instant) -> Decision {
+        let entry = self.entry(key, now);
+        let limit = self.config.limit.max(1);
+        let period = self.period_millis();
+        let t = self.millis(now);
+        match &entry.cell {
+            Cell::Window(state) => {
+                let mut state = state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let window = t / period;
+                let (ref mut current_window, ref mut current, ref mut previous) = *state;
+                if window != *current_window {
+                    *previous = if window == *current_window + 1 {
+                        *current
+                    } else {
+                        0
+                    };
+                    *current = 0;
+                    *current_window = window;
+                }
+                let elapsed = t % period;
+                let used = match self.config.algorithm {
+                    AlgorithmKind::SlidingWindow => {
+                        let overlap = (period - elapsed) as f64 / period as f64;
+                        *current as f64 + *previous as f64 * overlap
+                    }
+                    _ => *current as f64,
+                };
+                let allowed = used + 1.0 <= limit as f64;
+                if allowed {
+                    *current += 1;
+                }
+                let used_after = used + f64::from(u8::from(allowed));
+                Decision {
+                    allowed,
+                    limit,
+                    remaining: (limit as f64 - used_after).max(0.0) as u64,
+                    reset: Duration::from_millis(period - elapsed),
+                }
+            }
+            Cell::Bucket(state) => {
+                let mut state = state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let burst = self.burst() as f64;
+                let rate = limit as f64 / period as f64; // tokens per ms
+                let (ref mut tokens, ref mut last) = *state;
+                let refill = now.saturating_duration_since(*last).as_secs_f64() * 1000.0 * rate;
+                *tokens = (*tokens + refill).min(burst);
+                *last = now;
+                let allowed = *tokens >= 1.0;
+                if allowed {
+                    *tokens -= 1.0;
+                }
+                let missing = if allowed {
+                    burst - *tokens
+                } else {
+                    1.0 - *tokens
+                };
+                Decision {
+                    allowed,
+                    limit,
+                    remaining: tokens.floor() as u64,
+                    reset: Duration::from_millis((missing / rate).ceil() as u64),
+                }
+            }
+            Cell::Gcra(tat) => {
+                // Emission interval and burst tolerance, in µs.
+                let interval = (period * 1000 / limit).max(1);
+                let tolerance = interval * (self.burst() - 1);
+                let now_us = t * 1000;
+                let mut current = tat.load(Ordering::Acquire);
+                loop {
+                    let theoretical = current.max(now_us);
+                    let allow_at = theoretical.saturating_sub(tolerance);
+                    if now_us < allow_at {
+                        return Decision {
+                            allowed: false,
+                            limit,
+                            remaining: 0,
+                            reset: Duration::from_micros(allow_at - now_us),
+                        };
+                    }
+                    let next = theoretical + interval;
+                    match tat.compare_exchange_weak(
+                        current,
+                        next,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    ) {
+                        Ok(_) => {
+                            let ahead = next.saturating_sub(now_us);
+                            let remaining = (tolerance + interval).saturating_sub(ahead) / interval;
+                            return Decision {
+                                allowed: true,
+                                limit,
+                                remaining,
+                                reset: Duration::from_micros(ahead),
+                            };
+                        }
+                        Err(seen) => current = seen,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The keys counted now, most recently used first (at most `n`).
+    pub fn hottest(&self, n: usize) -> Vec<(String, u64)> {
+        let mut keys: Vec<(String, u64)> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .iter()
+                    .map(|(k, e)| (k.clone(), e.touched.load(Ordering::Relaxed)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        keys.sort_by_key(|k| std::cmp::Reverse(k.1));
+        keys.truncate(n);
+        keys
+    }
+
+    /// Keys held now (memory bound check).
+    pub fn keys(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len()
+            })
+            .sum()
+    }
+}
+
+/// An address range of proxies whose `X-Forwarded-For` is believed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// `10.0.0.0/8`, `::1/128`, or a bare address.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (address, bits) = match text.split_once('/') {
+            Some((a, b)) => (a.parse::<IpAddr>().ok()?, b.parse::<u8>().ok()?),
+            None => {
+                let a = text.parse::<IpAddr>().ok()?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        (bits <= max).then_some(Self {
+            network: address,
+            bits,
+        })
+    }
+
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let prefix = |a: IpAddr| -> Option<u128> {
+            match a {
+                IpAddr::V4(v4) => Some(u128::from(u32::from(v4)) << 96),
+                IpAddr::V6(v6) => Some(u128::from(v6)),
+            }
+        };
+        if self.network.is_ipv4() != address.is_ipv4() {
+            return false;
+        }
+        let (Some(network), Some(address)) = (prefix(self.network), prefix(address)) else {
+            return false;
+        };
+        if self.bits == 0 {
+            return true;
+        }
+        let mask = u128::MAX << (128 - u32::from(self.bits));
+        network & mask == address & mask
+    }
+}
+
+/// The client's address: the peer, or — when the peer is a trusted proxy — the
+/// right-most address in `X-Forwarded-For` that is not itself a trusted proxy.
+pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[Cidr]) -> IpAddr {
+    if !trusted.iter().any(|c| c.contains(peer)) {
+        return peer;
+    }
+    let Some(chain) = forwarded_for else {
+        return peer;
+    };
+    for hop in chain.rsplit(',') {
+        let Ok(address) = hop.trim().parse::<IpAddr>() else {
+            return peer; // A garbled chain is not believed.
+        };
+        if !trusted.iter().any(|c| c.contains(address)) {
+            return address;
+        }
+    }
+    peer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(algorithm: AlgorithmKind, limit: u64, period_ms: u64, burst: Option<u64>) -> Rule {
+        Rule::new(
+            RuleConfig {
+                name: "r".into(),
+                routes: every_route(),
+                priority: 0,
+                algorithm,
+                limit,
+                period: Duration::from_millis(period_ms),
+                burst,
+                key: KeyKind::Global,
+                tier: None,
+                shadow: false,
+            },
+            1_000,
+        )
+    }
+
+    fn allowed(rule: &Rule, at: Instant, n: usize) -> usize {
+        (0..n).filter(|_| rule.check_at("k", at).allowed).count()
+    }
+
+    #[test]
+    fn fixed_window_resets_at_the_window() {
+        let r = rule(AlgorithmKind::FixedWindow, 5, 1_000, None);
+        let start = r.began;
+        assert_eq!(allowed(&r, start, 10), 5);
+        assert_eq!(allowed(&r, start + Duration::from_millis(999), 1), 0);
+        assert_eq!(allowed(&r, start + Duration::from_millis(1_000), 10), 5);
+    }
+
+    #[test]
+    fn sliding_window_weighs_the_previous_window() {
+        let r = rule(AlgorithmKind::SlidingWindow, 10, 1_000, None);
+        let start = r.began;
+        assert_eq!(allowed(&r, start, 10), 10);
+        // Half way through the next window, half of the last one still counts: 5 left.
+        assert_eq!(allowed(&r, start + Duration::from_millis(1_500), 10), 5);
+        assert_eq!(allowed(&r, start + Duration::from_millis(3_000), 20), 10);
+    }
+
+    #[test]
+    fn token_bucket_allows_its_burst_then_the_rate() {
+        let r = rule(AlgorithmKind::TokenBucket, 10, 1_000, Some(3));
+        let start = Instant::now();
+        assert_eq!(allowed(&r, start, 10), 3, "the burst");
+        assert_eq!(
+            allowed(&r, start + Duration::from_millis(100), 10),
+            1,
+            "1 per 100 ms"
+        );
+        let denied = r.check_at("k", start + Duration::from_millis(100));
+        assert!(!denied.allowed && denied.reset <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn gcra_spaces_requests_after_the_burst_and_says_when_to_come_back() {
+        let r = rule(AlgorithmKind::Gcra, 10, 1_000, Some(2));
+        let start = r.began + Duration::from_secs(1);
+        assert_eq!(allowed(&r, start, 10), 2, "the burst");
+        let denied = r.check_at("k", start);
+        assert!(!denied.allowed);
+        assert!(
+            denied.reset <= Duration::from_millis(100),
+            "{:?}",
+            denied.reset
+        );
+        assert_eq!(allowed(&r, start + Duration::from_millis(100), 10), 1);
+    }
+
+    #[test]
+    fn idle_keys_are_evicted_so_memory_stays_bounded() {
+        let r = rule(AlgorithmKind::Gcra, 10, 10, None);
+        let start = r.began;
+        for i in 0..10_000 {
+            r.check_at(&format!("client-{i}"), start + Duration::from_millis(i));
+        }
+        assert!(r.keys() <= 1_000 + SHARDS, "{} keys", r.keys());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted = [Cidr::parse("10.0.0.0/8").expect("cidr")];
+        let peer: IpAddr = "10.1.2.3".parse().expect("ip");
+        let outsider: IpAddr = "198.51.100.7".parse().expect("ip");
+        assert_eq!(
+            client_ip(peer, Some("203.0.113.9, 10.9.9.9"), &trusted),
+            "203.0.113.9".parse::<IpAddr>().expect("ip")
+        );
+        assert_eq!(
+            client_ip(outsider, Some("203.0.113.9"), &trusted),
+            outsider,
+            "not a proxy"
+        );
+        assert_eq!(client_ip(peer, Some("garbage"), &trusted), peer);
+        assert!(Cidr::parse("10.0.0.0/33").is_none());
+        assert!(
+            Cidr::parse("::1")
+                .expect("v6")
+                .contains("::1".parse().expect("ip"))
+        );
+    }
+}
