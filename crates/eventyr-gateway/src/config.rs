@@ -39,6 +39,10 @@ pub struct GatewayConfig {
     /// Where the gateway listens. Default 127.0.0.1:8080.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Where the admin API listens (routes, clusters, breakers, rate limits, reload).
+    /// Absent: no admin API. With `[auth]` it needs the `admin` role; without, it
+    /// answers loopback clients only.
+    pub admin_listen: Option<String>,
     #[serde(default)]
     pub clusters: Vec<ClusterConfig>,
     #[serde(default)]

@@ -28,9 +28,11 @@
 //! Next: authentication (JWT, API keys, sessions), authorization, rate limiting,
 //! caching, aggregation routes, hot reload, the admin API, h2c and WebSocket upgrades.
 
+pub mod admin;
 pub mod auth;
 pub mod balance;
 pub mod config;
+pub mod gateway;
 pub mod health;
 pub mod proxy;
 pub mod ratelimit;

@@ -30,6 +30,7 @@ use crate::auth::Authenticator;
 use crate::balance::Balancer;
 use crate::config::RetryOn;
 use crate::config::{BalanceKind, GatewayConfig, HealthConfig, LimitsConfig, parse_url};
+use crate::gateway::Gateway;
 use crate::ratelimit::{Cidr, Rule};
 use crate::resilience::{Breaker, BreakerState, RetryBudget};
 use crate::route::RouteTable;
@@ -188,6 +189,18 @@ impl Proxy {
         if let Some(cluster) = self.clusters.get(cluster) {
             cluster.balancer.set_healthy(endpoint, healthy);
         }
+    }
+
+    /// The clusters' names, sorted.
+    pub fn cluster_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.clusters.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// Where a cluster's circuit breaker stands.
+    pub fn breaker_state(&self, cluster: &str) -> Option<BreakerState> {
+        self.clusters.get(cluster).map(|c| c.breaker.state())
     }
 
     /// The balancer of a cluster (state for the admin API and tests).
@@ -550,9 +563,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    serve_gateway(listener, Gateway::fixed(proxy), shutdown, grace).await;
+}
+
+/// Serves a (reloadable) gateway: each request goes through the stack in force when
+/// it arrives.
+pub async fn serve_gateway(
+    listener: tokio::net::TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let limits = proxy.limits().clone();
-    let stack = crate::stack::stack(proxy);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -560,10 +582,11 @@ pub async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
-                let stack = stack.clone();
+                let limits = gateway.proxy().limits().clone();
+                let gateway = Arc::clone(&gateway);
                 let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                     request.extensions_mut().insert(ClientAddr(peer));
-                    tower::ServiceExt::oneshot(stack.clone(), request)
+                    tower::ServiceExt::oneshot(gateway.stack(), request)
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)

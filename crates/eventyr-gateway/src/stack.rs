@@ -18,7 +18,7 @@ use eventyr_telemetry::names;
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::auth::Authenticated;
@@ -27,7 +27,7 @@ use crate::proxy::{Body, Proxy, error};
 use crate::route::RequestHead;
 
 /// The whole stack, cloned per connection.
-pub type Stack = BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
 
 /// The client's address (set by the server on every request).
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +57,7 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
     let authorizing = Arc::clone(&proxy);
     let limiting = Arc::clone(&proxy);
     let max_body = proxy.limits().max_body_bytes;
-    ServiceBuilder::new()
+    let layers = ServiceBuilder::new()
         .layer(middleware(request_id))
         .layer(middleware(access_log))
         .layer(middleware(move |request, next| {
@@ -79,11 +79,13 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
         // Cache: next (issue 7).
         // Circuit breaker and retries join the timeout here.
         .layer(middleware(timeout))
-        .service(tower::service_fn(move |request| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.forward(request).await) }
-        }))
-        .boxed_clone()
+        .service(BoxCloneSyncService::new(tower::service_fn(
+            move |request| {
+                let proxy = Arc::clone(&proxy);
+                async move { Ok::<_, Infallible>(proxy.forward(request).await) }
+            },
+        )));
+    BoxCloneSyncService::new(layers)
 }
 
 /// The rest of the stack, for a middleware function to call.
@@ -119,6 +121,7 @@ where
     S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
     F: Clone,
@@ -127,7 +130,7 @@ where
 
     fn layer(&self, inner: S) -> Self::Service {
         MiddlewareService {
-            inner: BoxCloneService::new(inner),
+            inner: BoxCloneSyncService::new(inner),
             f: self.f.clone(),
         }
     }

@@ -1,24 +1,31 @@
-//! `eventyr gateway --config gateway.toml`: the API gateway on its own.
+//! `eventyr gateway --config gateway.toml`: the API gateway on its own. The
+//! configuration is reloaded when the file changes, on SIGHUP, or by
+//! `POST /admin/reload` (an invalid one is refused and the old one kept).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use eventyr_gateway::config::GatewayConfig;
-use eventyr_gateway::proxy::{Proxy, serve};
+use eventyr_gateway::gateway::Gateway;
+use eventyr_gateway::proxy::serve_gateway;
+use tokio::sync::watch;
 
 /// The gateway's configuration file: `--config`, else ./gateway.toml.
-pub fn file(global: &crate::cli::GlobalArgs) -> std::path::PathBuf {
+pub fn file(global: &crate::cli::GlobalArgs) -> PathBuf {
     global
         .config
         .clone()
-        .unwrap_or_else(|| std::path::PathBuf::from("gateway.toml"))
+        .unwrap_or_else(|| PathBuf::from("gateway.toml"))
 }
 
 /// How long a stop waits for the requests under way.
 const GRACE: Duration = Duration::from_secs(30);
+
+/// How often the file is checked for changes.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file)
@@ -41,22 +48,43 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
         config.routes.len(),
         config.clusters.len()
     );
-    let proxy = Arc::new(Proxy::new(&config));
-    let (stopping, stopped) = tokio::sync::watch::channel(false);
-    let mut checks_stopped = stopped.clone();
-    let checks = tokio::spawn(eventyr_gateway::health::run(
-        Arc::clone(&proxy),
-        async move {
-            let _ = checks_stopped.wait_for(|s| *s).await;
-        },
-    ));
+    let gateway = Gateway::new(&config, Some(file.to_path_buf()));
+    let (stopping, stopped) = watch::channel(false);
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    };
+    let mut tasks = vec![
+        tokio::spawn(Arc::clone(&gateway).health(until_stopped(stopped.clone()))),
+        tokio::spawn(Arc::clone(&gateway).watch(WATCH_EVERY, until_stopped(stopped.clone()))),
+    ];
+    if let Some(admin) = &config.admin_listen {
+        let admin: SocketAddr = admin
+            .parse()
+            .with_context(|| format!("admin_listen: not an address: {admin}"))?;
+        let admin_listener = tokio::net::TcpListener::bind(admin)
+            .await
+            .with_context(|| format!("cannot listen on {admin}"))?;
+        println!("admin API on http://{}", admin_listener.local_addr()?);
+        let router = eventyr_gateway::admin::router(Arc::clone(&gateway));
+        let stop = until_stopped(stopped.clone());
+        tasks.push(tokio::spawn(async move {
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(error) = axum::serve(admin_listener, service)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                eprintln!("error: the admin API stopped: {error}");
+            }
+        }));
+    }
     let stop = async move {
         let _ = tokio::signal::ctrl_c().await;
         println!("stopping");
         let _ = stopping.send(true);
     };
-    serve(listener, proxy, stop, GRACE).await;
-    let _ = checks.await;
-    drop(stopped);
+    serve_gateway(listener, gateway, stop, GRACE).await;
+    for task in tasks {
+        let _ = task.await;
+    }
     Ok(())
 }

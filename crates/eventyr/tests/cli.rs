@@ -391,46 +391,55 @@ fn store_benchmark_command_runs() {
 }
 
 /// `eventyr gateway`: serves its configuration on its own (a route to a dead upstream
-/// answers 502, an unknown path 404, both as the JSON error body); an invalid
-/// configuration is refused with the key at fault.
+/// answers 502, an unknown path 404, both as the JSON error body), with its admin API;
+/// a changed file is reloaded, an invalid one refused (the old configuration stays);
+/// an invalid configuration at start is refused with the key at fault.
 #[test]
-fn the_gateway_runs_on_its_own_and_refuses_a_bad_configuration() {
+fn the_gateway_runs_on_its_own_reloads_and_refuses_a_bad_configuration() {
     let dir = tempfile::tempdir().expect("dir");
     let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = dead.local_addr().expect("address").port();
     drop(dead);
     let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
+    let routes = |extra: &str| {
         format!(
-            "[[clusters]]\nname = \"shop\"\nendpoints = [{{ url = \"http://127.0.0.1:{port}\" }}]\n\n\
-             [[routes]]\nname = \"api\"\npath = {{ prefix = \"/api\" }}\ncluster = \"shop\"\n"
-        ),
-    )
-    .expect("write");
+            "admin_listen = \"127.0.0.1:0\"\n\
+             [[clusters]]\nname = \"shop\"\nendpoints = [{{ url = \"http://127.0.0.1:{port}\" }}]\n\n\
+             [[routes]]\nname = \"api\"\npath = {{ prefix = \"/api\" }}\ncluster = \"shop\"\n{extra}"
+        )
+    };
+    std::fs::write(&config, routes("")).expect("write");
     let mut gateway = eventyr(dir.path())
         .args(["gateway", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("starts");
     let mut lines = BufReader::new(gateway.stdout.take().expect("stdout")).lines();
-    let line = lines.next().expect("a line").expect("text");
-    let url = line
-        .strip_prefix("eventyr gateway on ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the address")
-        .to_owned();
-    let get = |path: &str| -> (u16, Value) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+    let mut address = |prefix: &str| {
+        let line = lines.next().expect("a line").expect("text");
+        line.strip_prefix(prefix)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{prefix}: {line}"))
+            .to_owned()
+    };
+    let url = address("eventyr gateway on ");
+    let admin = address("admin API on ");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let call = |method: reqwest::Method, url: String| -> (u16, Value) {
         runtime.block_on(async {
-            let response = reqwest::get(format!("{url}{path}")).await.expect("send");
+            let response = reqwest::Client::new()
+                .request(method, url)
+                .send()
+                .await
+                .expect("send");
             let status = response.status().as_u16();
-            (status, response.json().await.expect("json"))
+            (status, response.json().await.unwrap_or(Value::Null))
         })
     };
+    let get = |path: &str| call(reqwest::Method::GET, format!("{url}{path}"));
     let (status, body) = get("/api/orders");
     assert_eq!(
         (status, body["error"].as_str()),
@@ -443,6 +452,38 @@ fn the_gateway_runs_on_its_own_and_refuses_a_bad_configuration() {
         (404, Some("no_route")),
         "{body}"
     );
+    let (status, body) = call(reqwest::Method::GET, format!("{admin}/admin/routes"));
+    assert_eq!((status, body), (200, serde_json::json!(["api"])));
+
+    // A new route in the file is served without a restart.
+    std::fs::write(
+        &config,
+        routes(
+            "[[routes]]\nname = \"extra\"\npath = { prefix = \"/extra\" }\ncluster = \"shop\"\n",
+        ),
+    )
+    .expect("write");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get("/extra").0 != 502 {
+        assert!(std::time::Instant::now() < deadline, "never reloaded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A broken file is refused: the routes in force stay.
+    std::fs::write(
+        &config,
+        routes("[[routes]]\nname = \"bad\"\npath = { prefix = \"/bad\" }\ncluster = \"nope\"\n"),
+    )
+    .expect("write");
+    let (status, body) = call(reqwest::Method::POST, format!("{admin}/admin/reload"));
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("routes[1].cluster")),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(get("/extra").0, 502, "the old configuration stays");
     gateway.kill().expect("stop");
     gateway.wait().expect("reaped");
 
