@@ -57,10 +57,17 @@ pub struct GatewayConfig {
     /// Keys a rule keeps at most (idle ones go first). Default 100 000.
     #[serde(default = "hundred_thousand")]
     pub rate_limit_max_keys: usize,
+    /// The response cache's size, at most. Default 64 MiB.
+    #[serde(default = "sixty_four_mebibytes")]
+    pub cache_max_bytes: usize,
     /// Proxies whose `X-Forwarded-For` names the client (CIDRs); nobody else's is
     /// believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+}
+
+fn sixty_four_mebibytes() -> usize {
+    64 * 1024 * 1024
 }
 
 fn hundred_thousand() -> usize {
@@ -410,6 +417,8 @@ pub struct RouteConfig {
     /// Permissions (`orders:read`) a caller needs; empty: a public route.
     #[serde(default)]
     pub permissions: Vec<String>,
+    /// Caches this route's GET answers; absent: no caching.
+    pub cache: Option<crate::cache::CacheConfig>,
     /// Cross-origin requests from browsers; absent: no CORS headers.
     pub cors: Option<CorsConfig>,
     /// Retries of failed attempts; none by default (beyond the one retry of a failed
@@ -636,6 +645,14 @@ impl GatewayConfig {
                     format!("{key}.permissions"),
                     "permissions need an [auth] section",
                 ));
+            }
+            if let Some(cache) = &route.cache {
+                if cache.ttl.is_zero() {
+                    return Err(error(format!("{key}.cache.ttl"), "above 0"));
+                }
+                if !route.methods.is_empty() && !route.methods.iter().any(|m| m == "GET") {
+                    return Err(error(format!("{key}.cache"), "only GET answers are cached"));
+                }
             }
             if let Some(cors) = &route.cors {
                 let any = cors.allow_origins.iter().any(|o| o == "*");

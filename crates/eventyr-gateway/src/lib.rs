@@ -17,7 +17,7 @@
 //!   holds a bulkhead per cluster.
 //! - [`stack`]: the middleware as tower layers, in one place, in the order:
 //!   request id → access log and metrics → body limit → route → CORS →
-//!   [authentication → authorization → rate limit → cache: to come] → timeout → proxy.
+//!   authentication → authorization → rate limit → cache → timeout → proxy.
 //! - [`proxy`]: the proxy on hyper (HTTP/1.1 with keep-alive to clients and
 //!   upstreams, bodies streamed): endpoint, forwarded headers, request id, a
 //!   traceparent for the gateway's hop, retries (one more endpoint after a failed
@@ -25,12 +25,17 @@
 //!   breaker and bulkhead; `serve` with header limits, a header-read timeout and
 //!   graceful shutdown.
 //!
-//! Next: authentication (JWT, API keys, sessions), authorization, rate limiting,
-//! caching, aggregation routes, hot reload, the admin API, h2c and WebSocket upgrades.
+//! - [`auth`], [`ratelimit`], [`cache`]: what those layers use. [`gateway`]: the
+//!   configuration in force, hot-reloaded; [`admin`]: the admin API.
+//!
+//! Next: sessions (`/auth/login|refresh|logout`, argon2, Redis when distributed),
+//! JWKS, the Redis rate-limit backend, aggregation routes, h2c and WebSocket
+//! upgrades, the gateway in front of `eventyr up`, `eventyr bench gateway`.
 
 pub mod admin;
 pub mod auth;
 pub mod balance;
+pub mod cache;
 pub mod config;
 pub mod gateway;
 pub mod health;

@@ -28,6 +28,7 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::auth::Authenticator;
 use crate::balance::Balancer;
+use crate::cache::ResponseCache;
 use crate::config::RetryOn;
 use crate::config::{BalanceKind, GatewayConfig, HealthConfig, LimitsConfig, parse_url};
 use crate::gateway::Gateway;
@@ -83,6 +84,7 @@ pub struct HealthTarget {
 /// The running proxy of one configuration.
 pub struct Proxy {
     table: RouteTable,
+    cache: ResponseCache,
     /// Rate-limit rules, highest priority first.
     rules: Vec<Rule>,
     trusted: Vec<Cidr>,
@@ -148,6 +150,7 @@ impl Proxy {
         rules.sort_by_key(|r| std::cmp::Reverse(r.config.priority));
         Self {
             table: RouteTable::new(config),
+            cache: ResponseCache::new(config.cache_max_bytes),
             rules,
             trusted: config
                 .trusted_proxies
@@ -211,6 +214,11 @@ impl Proxy {
     /// The upstream client (the health checks use it too).
     pub fn client(&self) -> &Client<HttpConnector, Body> {
         &self.client
+    }
+
+    /// The response cache.
+    pub fn cache(&self) -> &ResponseCache {
+        &self.cache
     }
 
     /// The rate-limit rules, highest priority first.

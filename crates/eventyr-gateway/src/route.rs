@@ -12,6 +12,7 @@ use std::cmp::Reverse;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::CacheConfig;
 use crate::config::{CorsConfig, GatewayConfig, PathConfig, RetryConfig, RewriteConfig};
 
 /// A path pattern, parsed.
@@ -185,6 +186,7 @@ pub struct Route {
     pub retries: RetryConfig,
     pub cors: Option<Arc<CorsConfig>>,
     pub permissions: Arc<[String]>,
+    pub cache: Option<Arc<CacheConfig>>,
     priority: i32,
     host: Option<String>,
     path: PathPattern,
@@ -203,6 +205,7 @@ pub struct Matched<'a> {
     pub retries: &'a RetryConfig,
     pub cors: Option<&'a Arc<CorsConfig>>,
     pub permissions: &'a Arc<[String]>,
+    pub cache: Option<&'a Arc<CacheConfig>>,
     pub params: Vec<(String, String)>,
     pub upstream_path: String,
     clusters: &'a [(String, u32)],
@@ -259,6 +262,7 @@ impl RouteTable {
                         retries: r.retries.clone(),
                         cors: r.cors.clone().map(Arc::new),
                         permissions: Arc::from(r.permissions.clone()),
+                        cache: r.cache.clone().map(Arc::new),
                         priority: r.priority,
                         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                         path,
@@ -321,6 +325,7 @@ impl RouteTable {
                 retries: &route.retries,
                 cors: route.cors.as_ref(),
                 permissions: &route.permissions,
+                cache: route.cache.as_ref(),
                 params,
                 upstream_path,
                 clusters: &route.clusters,

@@ -44,6 +44,7 @@ pub struct Routed {
     pub retries: crate::config::RetryConfig,
     pub cors: Option<Arc<CorsConfig>>,
     pub permissions: Arc<[String]>,
+    pub cache: Option<Arc<crate::cache::CacheConfig>>,
 }
 
 /// The route's name on the response (for the access log and metrics outside it).
@@ -56,6 +57,7 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
     let authenticating = Arc::clone(&proxy);
     let authorizing = Arc::clone(&proxy);
     let limiting = Arc::clone(&proxy);
+    let caching = Arc::clone(&proxy);
     let max_body = proxy.limits().max_body_bytes;
     let layers = ServiceBuilder::new()
         .layer(middleware(request_id))
@@ -76,7 +78,9 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
         .layer(middleware(move |request, next| {
             rate_limit(Arc::clone(&limiting), request, next)
         }))
-        // Cache: next (issue 7).
+        .layer(middleware(move |request, next| {
+            cache(Arc::clone(&caching), request, next)
+        }))
         // Circuit breaker and retries join the timeout here.
         .layer(middleware(timeout))
         .service(BoxCloneSyncService::new(tower::service_fn(
@@ -292,6 +296,7 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             retries: m.retries.clone(),
             cors: m.cors.cloned(),
             permissions: Arc::clone(m.permissions),
+            cache: m.cache.cloned(),
         })
     };
     let Some(routed) = routed else {
@@ -634,6 +639,103 @@ fn set_limit_headers(
     set("x-ratelimit-limit", decision.limit.to_string());
     set("x-ratelimit-remaining", decision.remaining.to_string());
     set("x-ratelimit-reset", reset.to_string());
+}
+
+/// The route's response cache (GET only): a fresh kept answer is served with
+/// `X-Cache: HIT` and its `Age`; otherwise the answer is fetched (`X-Cache: MISS`)
+/// and kept if it may be (see [`crate::cache`]). A request's `no-cache`/`no-store`
+/// goes around the cache (`X-Cache: BYPASS`).
+async fn cache(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Response<Body> {
+    use http_body_util::BodyExt;
+    let Some(routed) = request.extensions().get::<Routed>().cloned() else {
+        return next.run(request).await;
+    };
+    let Some(policy) = routed.cache.clone() else {
+        return next.run(request).await;
+    };
+    if request.method() != http::Method::GET {
+        return next.run(request).await;
+    }
+    let mark = |mut response: Response<Body>, state: &'static str| {
+        response
+            .headers_mut()
+            .insert("x-cache", HeaderValue::from_static(state));
+        response
+    };
+    let bypass = crate::cache::directives(request.headers())
+        .iter()
+        .any(|d| d == "no-cache" || d == "no-store");
+    if bypass {
+        return mark(next.run(request).await, "BYPASS");
+    }
+    let caller = request
+        .extensions()
+        .get::<Authenticated>()
+        .map(|a| a.0.user_id.clone());
+    let mut key = format!("{}\n{}", routed.route, request.uri());
+    for name in &policy.vary {
+        key.push('\n');
+        key.push_str(
+            request
+                .headers()
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default(),
+        );
+    }
+    if let Some(caller) = &caller {
+        key.push_str("\nuser:");
+        key.push_str(caller);
+    }
+    if let Some(hit) = proxy.cache().get(&key) {
+        let mut response = Response::new(
+            http_body_util::Full::new(hit.body)
+                .map_err(|e| match e {})
+                .boxed(),
+        );
+        *response.status_mut() = hit.status;
+        *response.headers_mut() = hit.headers;
+        if let Ok(age) = HeaderValue::from_str(&hit.stored.elapsed().as_secs().to_string()) {
+            response.headers_mut().insert(http::header::AGE, age);
+        }
+        return mark(response, "HIT");
+    }
+    let response = next.run(request).await;
+    let length = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let keep = (response.status() == StatusCode::OK
+        && length.is_some_and(|n| n <= policy.max_body_bytes))
+    .then(|| crate::cache::keep_for(policy.ttl, response.headers(), caller.is_some()))
+    .flatten();
+    let Some(keep) = keep else {
+        return mark(response, "MISS");
+    };
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string()),
+    };
+    let now = Instant::now();
+    proxy.cache().put(
+        key,
+        crate::cache::Cached {
+            status: parts.status,
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            stored: now,
+            expires: now + keep,
+        },
+    );
+    let response = Response::from_parts(
+        parts,
+        http_body_util::Full::new(body)
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    mark(response, "MISS")
 }
 
 /// The route's timeout: no answer in time is 504 `upstream_timeout`.

@@ -1069,3 +1069,96 @@ async fn rate_limits_deny_with_their_headers() {
     assert_eq!(passed(&anonymous), 2, "one address, whatever it claims");
     // The shadow rule (1 an hour, global) would have denied most of these: it only counted.
 }
+
+/// GET answers of a caching route are kept for their ttl (by path and query, and by
+/// caller when there is one); `no-store` answers and `no-cache` requests go around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_routes_answer_from_the_cache() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&served);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let origin = format!("http://{}", listener.local_addr().expect("address"));
+    let app = Router::new()
+        .route(
+            "/fresh",
+            any(|| async { ([(http::header::CACHE_CONTROL, "no-store")], "never kept") }),
+        )
+        .fallback(any(move || {
+            let counter = Arc::clone(&counter);
+            async move { format!("answer {}", counter.fetch_add(1, Ordering::SeqCst)) }
+        }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [[clusters]]
+        name = "origin"
+        endpoints = [{{ url = "{origin}" }}]
+
+        [[routes]]
+        name = "catalog"
+        path = {{ prefix = "/" }}
+        cache = {{ ttl = "200ms" }}
+        cluster = "origin"
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let client = reqwest::Client::new();
+    let get = |path: &'static str, no_cache: bool| {
+        let (client, gateway) = (client.clone(), gateway.clone());
+        async move {
+            let mut request = client.get(format!("{gateway}{path}"));
+            if no_cache {
+                request = request.header("cache-control", "no-cache");
+            }
+            let response = request.send().await.expect("send");
+            let state = response.headers()["x-cache"]
+                .to_str()
+                .expect("text")
+                .to_owned();
+            (state, response.text().await.expect("text"))
+        }
+    };
+    assert_eq!(
+        get("/items?page=1", false).await,
+        ("MISS".into(), "answer 0".into())
+    );
+    assert_eq!(
+        get("/items?page=1", false).await,
+        ("HIT".into(), "answer 0".into())
+    );
+    assert_eq!(
+        get("/items?page=2", false).await,
+        ("MISS".into(), "answer 1".into()),
+        "the query is in the key"
+    );
+    assert_eq!(
+        get("/items?page=1", true).await,
+        ("BYPASS".into(), "answer 2".into())
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        get("/items?page=1", false).await,
+        ("MISS".into(), "answer 3".into()),
+        "expired"
+    );
+    assert_eq!(get("/fresh", false).await.0, "MISS");
+    assert_eq!(
+        get("/fresh", false).await.0,
+        "MISS",
+        "no-store is never kept"
+    );
+    assert_eq!(served.load(Ordering::SeqCst), 4);
+}
