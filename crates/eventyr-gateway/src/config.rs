@@ -180,6 +180,19 @@ fn ten_minutes() -> Duration {
     Duration::from_secs(600)
 }
 
+/// One call of an aggregation route: `GET path` (a template filled with the route's
+/// parameters) on `cluster`, within `timeout` (default 1 s); its answer goes under
+/// `name`, or null (with the reason under `errors.<name>`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateCall {
+    pub name: String,
+    pub cluster: String,
+    pub path: String,
+    #[serde(default, with = "humantime_serde_lite::option")]
+    pub timeout: Option<Duration>,
+}
+
 /// How a route retries: at most `attempts` in all, only idempotent methods (GET,
 /// HEAD, OPTIONS, PUT, DELETE, TRACE) with a body small enough to be kept, only on
 /// the listed conditions, each attempt within `per_try_timeout` (default the route's
@@ -425,6 +438,10 @@ pub struct RouteConfig {
     /// connection on another endpoint, which every route has).
     #[serde(default)]
     pub retries: RetryConfig,
+    /// An aggregation route: these calls in parallel, one JSON document of their
+    /// answers (instead of `cluster` or `split`).
+    #[serde(default)]
+    pub aggregate: Vec<AggregateCall>,
     /// The one cluster, or `split`.
     pub cluster: Option<String>,
     #[serde(default)]
@@ -682,6 +699,46 @@ impl GatewayConfig {
                         "upper-case methods, e.g. GET",
                     ));
                 }
+            }
+            if !route.aggregate.is_empty() {
+                if route.cluster.is_some() || !route.split.is_empty() {
+                    return Err(error(
+                        format!("{key}.aggregate"),
+                        "an aggregation route has no cluster or split",
+                    ));
+                }
+                let names = crate::route::PathPattern::parse(&route.path)
+                    .map(|p| p.parameters())
+                    .unwrap_or_default();
+                let mut seen = HashSet::new();
+                for (j, call) in route.aggregate.iter().enumerate() {
+                    let at = format!("{key}.aggregate[{j}]");
+                    if !valid_name(&call.name) || !seen.insert(call.name.as_str()) {
+                        return Err(error(
+                            format!("{at}.name"),
+                            "a unique name, a-z, 0-9, '-' and '_'",
+                        ));
+                    }
+                    if !clusters.contains(call.cluster.as_str()) {
+                        return Err(error(
+                            format!("{at}.cluster"),
+                            format!("no cluster {}", call.cluster),
+                        ));
+                    }
+                    if !call.path.starts_with('/') {
+                        return Err(error(format!("{at}.path"), "a path, from '/'"));
+                    }
+                    if let Some(name) = crate::route::template_names(&call.path)
+                        .into_iter()
+                        .find(|n| !names.contains(n))
+                    {
+                        return Err(error(
+                            format!("{at}.path"),
+                            format!("{{{name}}} is not a parameter of the route"),
+                        ));
+                    }
+                }
+                continue;
             }
             match (&route.cluster, route.split.is_empty()) {
                 (Some(cluster), true) if !clusters.contains(cluster.as_str()) => {

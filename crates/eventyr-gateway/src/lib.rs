@@ -22,7 +22,8 @@
 //!   upstreams, bodies streamed): endpoint, forwarded headers, request id, a
 //!   traceparent for the gateway's hop, retries (one more endpoint after a failed
 //!   connection; idempotent requests on configured conditions within the budget),
-//!   breaker and bulkhead; `serve` with header limits, a header-read timeout and
+//!   breaker and bulkhead; aggregation routes (parallel calls, partial results);
+//!   `serve` with header limits, a header-read timeout and
 //!   graceful shutdown.
 //!
 //! - [`auth`], [`ratelimit`], [`cache`]: what those layers use. [`gateway`]: the

@@ -216,6 +216,107 @@ impl Proxy {
         &self.client
     }
 
+    /// An aggregation route: every call at once, each within its timeout and all
+    /// within the route's; one JSON document with each answer under its name, null
+    /// for a call that failed (its reason under `errors`).
+    async fn aggregate(&self, routed: &Routed, headers: HeaderMap) -> Response<Body> {
+        let calls = routed.aggregate.iter().map(|call| {
+            let headers = headers.clone();
+            async move {
+                let outcome = self.call(call, &routed.params, headers).await;
+                (call.name.clone(), outcome)
+            }
+        });
+        let all = futures::future::join_all(calls);
+        let results = match tokio::time::timeout(routed.timeout, all).await {
+            Ok(results) => results,
+            Err(_) => routed
+                .aggregate
+                .iter()
+                .map(|c| (c.name.clone(), Err("the aggregation timed out".to_owned())))
+                .collect(),
+        };
+        let mut document = serde_json::Map::new();
+        let mut errors = serde_json::Map::new();
+        for (name, outcome) in results {
+            match outcome {
+                Ok(value) => {
+                    document.insert(name, value);
+                }
+                Err(reason) => {
+                    document.insert(name.clone(), serde_json::Value::Null);
+                    errors.insert(name, serde_json::Value::String(reason));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            document.insert("errors".to_owned(), serde_json::Value::Object(errors));
+        }
+        let body = serde_json::Value::Object(document).to_string();
+        let mut response =
+            Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+
+    /// One call of an aggregation: its answer as JSON, or why not.
+    async fn call(
+        &self,
+        call: &crate::config::AggregateCall,
+        params: &[(String, String)],
+        headers: HeaderMap,
+    ) -> Result<serde_json::Value, String> {
+        let cluster = self
+            .clusters
+            .get(&call.cluster)
+            .ok_or_else(|| format!("no cluster {}", call.cluster))?;
+        let i = cluster
+            .balancer
+            .pick(None, &[])
+            .ok_or("no healthy endpoint")?;
+        let (authority, base) = &cluster.endpoints[i];
+        let path = crate::route::fill(&call.path, params);
+        let uri: Uri = format!("http://{authority}{base}{path}")
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let mut request = Request::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        request.headers_mut().remove(header::CONTENT_LENGTH);
+        let timeout = call.timeout.unwrap_or(Duration::from_secs(1));
+        let in_flight = cluster.balancer.start(i);
+        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                cluster.balancer.report(i, false);
+                return Err(e.to_string());
+            }
+            Err(_) => {
+                cluster.balancer.report(i, false);
+                return Err(format!("no answer within {timeout:?}"));
+            }
+        };
+        if let Some(in_flight) = in_flight {
+            in_flight.finish();
+        }
+        let status = response.status();
+        cluster.balancer.report(i, !status.is_server_error());
+        let body = tokio::time::timeout(timeout, response.into_body().collect())
+            .await
+            .map_err(|_| format!("the answer did not finish within {timeout:?}"))?
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("status {}", status.as_u16()));
+        }
+        Ok(serde_json::from_slice(&body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+        }))
+    }
+
     /// The response cache.
     pub fn cache(&self) -> &ResponseCache {
         &self.cache
@@ -273,6 +374,10 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        if !routed.aggregate.is_empty() {
+            let headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
+            return self.aggregate(&routed, headers).await;
+        }
         let Some(cluster) = self.clusters.get(&routed.cluster) else {
             return error(StatusCode::BAD_GATEWAY, "bad_gateway", "no such cluster");
         };

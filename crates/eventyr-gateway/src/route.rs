@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cache::CacheConfig;
-use crate::config::{CorsConfig, GatewayConfig, PathConfig, RetryConfig, RewriteConfig};
+use crate::config::{
+    AggregateCall, CorsConfig, GatewayConfig, PathConfig, RetryConfig, RewriteConfig,
+};
 
 /// A path pattern, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +189,7 @@ pub struct Route {
     pub cors: Option<Arc<CorsConfig>>,
     pub permissions: Arc<[String]>,
     pub cache: Option<Arc<CacheConfig>>,
+    pub aggregate: Arc<[AggregateCall]>,
     priority: i32,
     host: Option<String>,
     path: PathPattern,
@@ -206,6 +209,7 @@ pub struct Matched<'a> {
     pub cors: Option<&'a Arc<CorsConfig>>,
     pub permissions: &'a Arc<[String]>,
     pub cache: Option<&'a Arc<CacheConfig>>,
+    pub aggregate: &'a Arc<[AggregateCall]>,
     pub params: Vec<(String, String)>,
     pub upstream_path: String,
     clusters: &'a [(String, u32)],
@@ -263,6 +267,7 @@ impl RouteTable {
                         cors: r.cors.clone().map(Arc::new),
                         permissions: Arc::from(r.permissions.clone()),
                         cache: r.cache.clone().map(Arc::new),
+                        aggregate: Arc::from(r.aggregate.clone()),
                         priority: r.priority,
                         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                         path,
@@ -326,6 +331,7 @@ impl RouteTable {
                 cors: route.cors.as_ref(),
                 permissions: &route.permissions,
                 cache: route.cache.as_ref(),
+                aggregate: &route.aggregate,
                 params,
                 upstream_path,
                 clusters: &route.clusters,
@@ -363,16 +369,19 @@ fn rewrite(rewrite: Option<&RewriteConfig>, path: &str, params: &[(String, Strin
                 _ => path.to_owned(),
             }
         }
-        Some(RewriteConfig::Replace(template)) => {
-            let mut out = template.clone();
-            for (name, value) in params {
-                out = out
-                    .replace(&format!("{{{name}}}"), value)
-                    .replace(&format!("{{*{name}}}"), value);
-            }
-            out
-        }
+        Some(RewriteConfig::Replace(template)) => fill(template, params),
     }
+}
+
+/// A template (`/orders/{id}/{*rest}`) with the route's parameters filled in.
+pub fn fill(template: &str, params: &[(String, String)]) -> String {
+    let mut out = template.to_owned();
+    for (name, value) in params {
+        out = out
+            .replace(&format!("{{{name}}}"), value)
+            .replace(&format!("{{*{name}}}"), value);
+    }
+    out
 }
 
 #[cfg(test)]

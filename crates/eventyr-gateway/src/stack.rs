@@ -1,8 +1,7 @@
 //! The gateway's middleware, as tower layers, in one place ([`stack`]) and in the
-//! issue's order: request id → access log and metrics → route → CORS →
-//! authentication → authorization → rate limit → cache → circuit breaker / retries /
-//! timeout → proxy. Built so far: request id, access log and metrics, route, timeout,
-//! proxy; the others take their place in `stack` as they land.
+//! issue's order: request id → access log and metrics → body limit → route → CORS →
+//! authentication → authorization → rate limit → cache → timeout → proxy (which holds
+//! the circuit breaker, bulkhead and retries of the cluster the route picked).
 //!
 //! Each layer is an async function of the request and the rest of the stack
 //! ([`Next`]), wrapped by [`middleware`] into a tower `Layer` whose `poll_ready` is the
@@ -45,6 +44,7 @@ pub struct Routed {
     pub cors: Option<Arc<CorsConfig>>,
     pub permissions: Arc<[String]>,
     pub cache: Option<Arc<crate::cache::CacheConfig>>,
+    pub aggregate: Arc<[crate::config::AggregateCall]>,
 }
 
 /// The route's name on the response (for the access log and metrics outside it).
@@ -297,6 +297,7 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             cors: m.cors.cloned(),
             permissions: Arc::clone(m.permissions),
             cache: m.cache.cloned(),
+            aggregate: Arc::clone(m.aggregate),
         })
     };
     let Some(routed) = routed else {

@@ -1162,3 +1162,87 @@ async fn cached_routes_answer_from_the_cache() {
     );
     assert_eq!(served.load(Ordering::SeqCst), 4);
 }
+
+/// An aggregation route fans out to several upstreams at once and answers with what
+/// came in time: a slow or failing call is null, with its reason under `errors`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregation_routes_return_partial_results() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let origin = format!("http://{}", listener.local_addr().expect("address"));
+    let app = Router::new()
+        .route(
+            "/orders/{id}",
+            axum::routing::get(
+                |axum::extract::Path(id): axum::extract::Path<String>| async move {
+                    axum::Json(json!({ "order_id": id, "status": "COMPLETED" }))
+                },
+            ),
+        )
+        .route(
+            "/orders/{id}/shipment",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                "late"
+            }),
+        )
+        .route(
+            "/orders/{id}/payments",
+            axum::routing::get(|| async { (http::StatusCode::INTERNAL_SERVER_ERROR, "down") }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = GatewayConfig::parse(&format!(
+        r#"
+        [[clusters]]
+        name = "origin"
+        endpoints = [{{ url = "{origin}" }}]
+        outlier = {{ consecutive_failures = 0 }}
+
+        [[routes]]
+        name = "details"
+        path = {{ template = "/api/orders/{{id}}/details" }}
+        methods = ["GET"]
+        timeout = "1s"
+        aggregate = [
+            {{ name = "order", cluster = "origin", path = "/orders/{{id}}" }},
+            {{ name = "shipment", cluster = "origin", path = "/orders/{{id}}/shipment", timeout = "200ms" }},
+            {{ name = "payments", cluster = "origin", path = "/orders/{{id}}/payments" }},
+        ]
+        "#
+    ))
+    .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&config)),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let started = std::time::Instant::now();
+    let response = reqwest::get(format!("{gateway}/api/orders/o-7/details"))
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "calls go in parallel"
+    );
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        body["order"],
+        json!({ "order_id": "o-7", "status": "COMPLETED" })
+    );
+    assert_eq!(body["shipment"], Value::Null);
+    assert_eq!(body["payments"], Value::Null);
+    assert!(
+        body["errors"]["shipment"]
+            .as_str()
+            .is_some_and(|e| e.contains("200ms")),
+        "{body}"
+    );
+    assert_eq!(body["errors"]["payments"], "status 500");
+}
