@@ -398,6 +398,25 @@ pub enum BenchCommand {
     /// sagas/s and saga latency at a fixed concurrency, against raw appends at the
     /// same concurrency on the same disk.
     Saga(SagaBenchArgs),
+    /// The gateway: wrk through it to a fixed upstream, against the upstream direct and
+    /// nginx and HAProxy as reverse proxies, in the same run (needs nginx, wrk, haproxy).
+    Gateway(GatewayBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayBenchArgs {
+    /// wrk's connections.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// How long each measurement runs, e.g. 8s.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Repeat everything this many times and report the median.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

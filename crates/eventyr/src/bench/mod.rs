@@ -5,6 +5,7 @@
 mod bus;
 mod cqrs;
 mod fsync;
+mod gateway;
 mod saga;
 pub mod stats;
 mod store;
@@ -18,5 +19,6 @@ pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Cqrs(args) => cqrs::run(config, args).await,
         BenchCommand::Bus(args) => bus::run(config, args).await,
         BenchCommand::Saga(args) => saga::run(config, args).await,
+        BenchCommand::Gateway(args) => gateway::run(config, args).await,
     }
 }

@@ -1,0 +1,267 @@
+//! `eventyr bench gateway`: wrk through the gateway to a fixed upstream (nginx
+//! answering `200 ok` from memory), against the same upstream direct and behind nginx
+//! and HAProxy as reverse proxies (keep-alive to the upstream), in the same run,
+//! interleaved, median of `--runs`. Needs `nginx`, `wrk` and (for that peer)
+//! `haproxy` on the PATH: `apt-get install -y nginx-light wrk haproxy`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use eventyr_gateway::config::GatewayConfig;
+use eventyr_gateway::proxy::{Proxy, serve};
+use serde::Serialize;
+
+use super::stats::median;
+use crate::cli::GatewayBenchArgs;
+use crate::config::Config;
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Figures {
+    requests_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// A free port on 127.0.0.1 (for the peers, which bind it themselves).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn require(program: &str) -> anyhow::Result<()> {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        bail!("{program} is not installed: apt-get install -y nginx-light wrk haproxy");
+    }
+    Ok(())
+}
+
+/// Kills a peer when the bench ends, however it ends.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nginx(dir: &Path, upstream: u16, proxy: u16) -> anyhow::Result<Peer> {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  upstream up {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n\
+               server {{ listen 127.0.0.1:{upstream}; location / {{ return 200 \"ok\\n\"; }} }}\n\
+               server {{ listen 127.0.0.1:{proxy}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
+            dir = dir.display()
+        ),
+    )?;
+    let child = Command::new("nginx")
+        .args([
+            "-c",
+            &conf.display().to_string(),
+            "-p",
+            &dir.display().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start nginx")?;
+    Ok(Peer(child))
+}
+
+fn start_haproxy(dir: &Path, upstream: u16, port: u16) -> anyhow::Result<Peer> {
+    let conf = dir.join("haproxy.cfg");
+    std::fs::write(
+        &conf,
+        format!(
+            "global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
+             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
+             backend b\n  server u 127.0.0.1:{upstream}\n"
+        ),
+    )?;
+    let child = Command::new("haproxy")
+        .args(["-f", &conf.display().to_string(), "-db"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start haproxy")?;
+    Ok(Peer(child))
+}
+
+async fn wait_for(port: u16) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("nothing listens on port {port}")
+}
+
+/// A wrk latency figure (`412.00us`, `1.75ms`, `1.02s`) in milliseconds.
+fn wrk_millis(text: &str) -> Option<f64> {
+    let (number, factor) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        return None;
+    };
+    number.parse::<f64>().ok().map(|n| n * factor)
+}
+
+async fn wrk(url: &str, args: &GatewayBenchArgs) -> anyhow::Result<Figures> {
+    let output = tokio::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{}", args.connections),
+            &format!("-d{}s", args.duration.as_secs().max(1)),
+            "--latency",
+            url,
+        ])
+        .output()
+        .await
+        .context("cannot run wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut figures = Figures::default();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", n] => figures.requests_per_second = n.parse().unwrap_or(0.0),
+            ["50%", v] => figures.p50_ms = wrk_millis(v).unwrap_or(0.0),
+            ["99%", v] => figures.p99_ms = wrk_millis(v).unwrap_or(0.0),
+            _ => {}
+        }
+    }
+    anyhow::ensure!(
+        figures.requests_per_second > 0.0,
+        "wrk measured nothing at {url}: {text}"
+    );
+    Ok(figures)
+}
+
+pub async fn run(config: &Config, args: GatewayBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.runs > 0 && args.connections > 0,
+        "--runs and --connections must be at least 1"
+    );
+    for program in ["nginx", "wrk", "haproxy"] {
+        require(program)?;
+    }
+    let dir = config.data_dir.join("bench-gateway");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (upstream, nginx_port, haproxy_port) = (free_port()?, free_port()?, free_port()?);
+    let _nginx = start_nginx(&dir, upstream, nginx_port)?;
+    let _haproxy = start_haproxy(&dir, upstream, haproxy_port)?;
+    for port in [upstream, nginx_port, haproxy_port] {
+        wait_for(port).await?;
+    }
+    let gateway_config = GatewayConfig::parse(&format!(
+        "[[clusters]]\nname = \"up\"\nendpoints = [{{ url = \"http://127.0.0.1:{upstream}\" }}]\n\
+         [[routes]]\nname = \"all\"\npath = {{ prefix = \"/\" }}\ncluster = \"up\"\n"
+    ))?;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let gateway_port = listener.local_addr()?.port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(serve(
+        listener,
+        Arc::new(Proxy::new(&gateway_config)),
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    println!(
+        "eventyr bench gateway: wrk -t1 -c{} for {:?}, {} runs; upstream nginx `return 200` on 127.0.0.1:{upstream}",
+        args.connections, args.duration, args.runs
+    );
+    let targets = [
+        ("direct", upstream),
+        ("nginx", nginx_port),
+        ("haproxy", haproxy_port),
+        ("eventyr", gateway_port),
+    ];
+    let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
+    for run in 1..=args.runs {
+        for (i, (name, port)) in targets.iter().enumerate() {
+            let figures = wrk(&format!("http://127.0.0.1:{port}/"), &args).await?;
+            println!(
+                "  run {run} {name:<8} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+                figures.requests_per_second, figures.p50_ms, figures.p99_ms
+            );
+            results[i].push(figures);
+        }
+    }
+    let _ = stop.send(());
+    let _ = serving.await;
+    let medians: Vec<Figures> = results
+        .iter()
+        .map(|runs| Figures {
+            requests_per_second: median(
+                &mut runs
+                    .iter()
+                    .map(|f| f.requests_per_second)
+                    .collect::<Vec<_>>(),
+            ),
+            p50_ms: median(&mut runs.iter().map(|f| f.p50_ms).collect::<Vec<_>>()),
+            p99_ms: median(&mut runs.iter().map(|f| f.p99_ms).collect::<Vec<_>>()),
+        })
+        .collect();
+    let nginx = medians[1].requests_per_second;
+    println!("median of {} runs:", args.runs);
+    println!("TARGET     REQ/S      P50 MS   P99 MS   VS NGINX");
+    for ((name, _), figures) in targets.iter().zip(&medians) {
+        println!(
+            "{name:<9} {:>9.0}  {:>7.2}  {:>7.2}  {:>7.2}x",
+            figures.requests_per_second,
+            figures.p50_ms,
+            figures.p99_ms,
+            figures.requests_per_second / nginx
+        );
+    }
+    if args.json {
+        let json: serde_json::Value = targets
+            .iter()
+            .zip(&medians)
+            .map(|((name, _), f)| {
+                (
+                    (*name).to_owned(),
+                    serde_json::to_value(f).unwrap_or_default(),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        println!("{json}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_latencies_read_in_milliseconds() {
+        assert_eq!(wrk_millis("412.00us"), Some(0.412));
+        assert_eq!(wrk_millis("1.75ms"), Some(1.75));
+        assert_eq!(wrk_millis("1.02s"), Some(1020.0));
+        assert_eq!(wrk_millis("fast"), None);
+    }
+}
