@@ -4,8 +4,9 @@
 //! the circuit breaker, bulkhead and retries of the cluster the route picked).
 //!
 //! Each layer is an async function of the request and the rest of the stack
-//! ([`Next`]), wrapped by [`middleware`] into a tower `Layer` whose `poll_ready` is the
-//! inner service's (backpressure goes through).
+//! ([`Next`]), wrapped by [`middleware`] into a tower `Layer`. The rest of the stack
+//! is shared (an `Arc`), not cloned layer by layer per request, and always ready: the
+//! gateway sheds load instead of queueing it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,7 +18,6 @@ use eventyr_telemetry::names;
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 
 use crate::auth::Authenticated;
@@ -25,8 +25,52 @@ use crate::config::CorsConfig;
 use crate::proxy::{Body, Proxy, error};
 use crate::route::RequestHead;
 
-/// The whole stack, cloned per connection.
-pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<Body>, Infallible>;
+/// A service of the stack (the whole of it, or the rest of it after a layer): cheap to
+/// clone (one `Arc`) and always ready — the gateway sheds load (bulkheads, breakers,
+/// rate limits) rather than queueing it, so no layer holds back in `poll_ready`.
+#[derive(Clone)]
+pub struct Stack(
+    Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, Response<Body>> + Send + Sync>,
+);
+
+impl Stack {
+    /// Any always-ready-or-waiting tower service as a stack: each call takes a clone of
+    /// it, waits until it is ready and calls it.
+    pub fn from_service<S>(service: S) -> Self
+    where
+        S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self(Arc::new(move |request| {
+            let service = service.clone();
+            Box::pin(async move {
+                match service.oneshot(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            })
+        }))
+    }
+}
+
+impl Service<Request<Incoming>> for Stack {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let answer = (self.0)(request);
+        Box::pin(async move { Ok(answer.await) })
+    }
+}
 
 /// The client's address (set by the server on every request).
 #[derive(Debug, Clone, Copy)]
@@ -83,13 +127,11 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
         }))
         // Circuit breaker and retries join the timeout here.
         .layer(middleware(timeout))
-        .service(BoxCloneSyncService::new(tower::service_fn(
-            move |request| {
-                let proxy = Arc::clone(&proxy);
-                async move { Ok::<_, Infallible>(proxy.forward(request).await) }
-            },
-        )));
-    BoxCloneSyncService::new(layers)
+        .service(Stack::from_service(tower::service_fn(move |request| {
+            let proxy = Arc::clone(&proxy);
+            async move { Ok::<_, Infallible>(proxy.forward(request).await) }
+        })));
+    Stack::from_service(layers)
 }
 
 /// The rest of the stack, for a middleware function to call.
@@ -99,10 +141,7 @@ pub struct Next {
 
 impl Next {
     pub async fn run(self, request: Request<Incoming>) -> Response<Body> {
-        match self.inner.oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
-        }
+        (self.inner.0)(request).await
     }
 }
 
@@ -134,7 +173,7 @@ where
 
     fn layer(&self, inner: S) -> Self::Service {
         MiddlewareService {
-            inner: BoxCloneSyncService::new(inner),
+            inner: Stack::from_service(inner),
             f: self.f.clone(),
         }
     }
@@ -155,15 +194,16 @@ where
     type Error = Infallible;
     type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The rest of the stack is always ready (see [`Stack`]).
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        // The ready service goes with this call; a fresh clone waits for the next.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let future = (self.f)(request, Next { inner });
+        let next = Next {
+            inner: self.inner.clone(),
+        };
+        let future = (self.f)(request, next);
         Box::pin(async move { Ok(future.await) })
     }
 }
