@@ -350,8 +350,8 @@ impl Proxy {
     /// Proxies a request the route layer has routed ([`Routed`]), from the client in
     /// its [`ClientAddr`], with the id the request-id layer gave it.
     pub async fn forward(&self, request: Request<Incoming>) -> Response<Body> {
-        let (parts, body) = request.into_parts();
-        let Some(routed) = parts.extensions.get::<Routed>().cloned() else {
+        let (mut parts, body) = request.into_parts();
+        let Some(routed) = parts.extensions.remove::<Routed>() else {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

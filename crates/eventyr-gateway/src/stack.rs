@@ -688,10 +688,12 @@ fn set_limit_headers(
 /// goes around the cache (`X-Cache: BYPASS`).
 async fn cache(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Response<Body> {
     use http_body_util::BodyExt;
-    let Some(routed) = request.extensions().get::<Routed>().cloned() else {
-        return next.run(request).await;
-    };
-    let Some(policy) = routed.cache.clone() else {
+    // Only what the cache needs, not the whole route, on every request.
+    let cached = request
+        .extensions()
+        .get::<Routed>()
+        .and_then(|r| Some((Arc::clone(&r.route), r.cache.clone()?)));
+    let Some((route, policy)) = cached else {
         return next.run(request).await;
     };
     if request.method() != http::Method::GET {
@@ -713,7 +715,7 @@ async fn cache(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Res
         .extensions()
         .get::<Authenticated>()
         .map(|a| a.0.user_id.clone());
-    let mut key = format!("{}\n{}", routed.route, request.uri());
+    let mut key = format!("{route}\n{}", request.uri());
     for name in &policy.vary {
         key.push('\n');
         key.push_str(

@@ -45,13 +45,35 @@ async fn upstream(name: &'static str) -> String {
         seen["body"] = json!(String::from_utf8_lossy(&body));
         axum::Json(seen)
     }
+    let app = Router::new().fallback(any(echo)).with_state(name);
+    origin(app).await
+}
+
+/// Serves `app` on a loopback port; its base URL.
+async fn origin(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let address = listener.local_addr().expect("address");
-    let app = Router::new().fallback(any(echo)).with_state(name);
     tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{address}")
+}
+
+/// Runs a gateway of `config` on a loopback port until the test ends; its base URL
+/// and its proxy.
+async fn start(config: &GatewayConfig) -> (String, Arc<Proxy>) {
+    let proxy = Arc::new(Proxy::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gateway = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(serve(
+        listener,
+        Arc::clone(&proxy),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    (gateway, proxy)
 }
 
 /// A port nothing listens on.
@@ -218,15 +240,10 @@ async fn the_proxy_routes_rewrites_forwards_and_tries_another_endpoint() {
 
 /// An upstream that fails everything, its health check included.
 async fn sick() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
     let app = Router::new().fallback(any(|| async {
         (http::StatusCode::INTERNAL_SERVER_ERROR, "sick")
     }));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{address}")
+    origin(app).await
 }
 
 /// Active checks take an endpoint whose health check fails out of its cluster;
@@ -259,17 +276,7 @@ async fn failing_endpoints_leave_their_cluster() {
         "#
     ))
     .expect("valid config");
-    let proxy = Arc::new(Proxy::new(&config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::clone(&proxy),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, proxy) = start(&config).await;
     tokio::spawn(eventyr_gateway::health::run(
         Arc::clone(&proxy),
         futures_pending(),
@@ -333,15 +340,11 @@ fn futures_pending() -> impl Future<Output = ()> + Send {
 /// the request id still on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upstream_meets_its_routes_timeout() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let slow = format!("http://{}", listener.local_addr().expect("address"));
     let app = Router::new().fallback(any(|| async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         "late"
     }));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let slow = origin(app).await;
     let config = GatewayConfig::parse(&format!(
         r#"
         [[clusters]]
@@ -356,16 +359,7 @@ async fn a_slow_upstream_meets_its_routes_timeout() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, _) = start(&config).await;
     let started = std::time::Instant::now();
     let response = reqwest::Client::new()
         .get(format!("{gateway}/x"))
@@ -385,15 +379,11 @@ async fn a_slow_upstream_meets_its_routes_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_circuit_breaker_and_the_bulkhead_shed_load() {
     let ill = sick().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let slow = format!("http://{}", listener.local_addr().expect("address"));
     let app = Router::new().fallback(any(|| async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         "late"
     }));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let slow = origin(app).await;
     let config = GatewayConfig::parse(&format!(
         r#"
         [[clusters]]
@@ -419,16 +409,7 @@ async fn the_circuit_breaker_and_the_bulkhead_shed_load() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, proxy) = start(&config).await;
     let client = reqwest::Client::new();
     let status = |path: &'static str| {
         let (client, gateway) = (client.clone(), gateway.clone());
@@ -448,8 +429,12 @@ async fn the_circuit_breaker_and_the_bulkhead_shed_load() {
     }
     assert_eq!(status("/ill").await, (503, Some("circuit_open".to_owned())));
 
+    // The second request goes once the first is under way at the only endpoint.
     let (first, second) = tokio::join!(status("/narrow"), async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let narrow = proxy.balancer("narrow").expect("cluster");
+        while narrow.endpoints()[0].outstanding() == 0 {
+            tokio::task::yield_now().await;
+        }
         status("/narrow").await
     });
     assert_eq!(first.0, 200);
@@ -460,10 +445,6 @@ async fn the_circuit_breaker_and_the_bulkhead_shed_load() {
 async fn flaky() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let seen = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
     let counter = Arc::clone(&seen);
     let app = Router::new().fallback(any(move || {
         let counter = Arc::clone(&counter);
@@ -475,8 +456,7 @@ async fn flaky() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
             }
         }
     }));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{address}"), seen)
+    (origin(app).await, seen)
 }
 
 /// Idempotent requests are retried on a gateway error within the route's attempts and
@@ -512,16 +492,7 @@ async fn idempotent_requests_are_retried_within_the_budget() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, _) = start(&config).await;
     let client = reqwest::Client::new();
     for _ in 0..5 {
         let response = client
@@ -570,16 +541,7 @@ async fn oversized_requests_are_refused() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, _) = start(&config).await;
     let client = reqwest::Client::new();
     let fits = client
         .post(format!("{gateway}/x"))
@@ -632,16 +594,7 @@ async fn cors_follows_each_routes_policy() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, _) = start(&config).await;
     let client = reqwest::Client::new();
     let preflight = |origin: &'static str, method: &'static str| {
         client
@@ -785,16 +738,7 @@ async fn callers_are_authenticated_and_authorized() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, _) = start(&config).await;
     let client = reqwest::Client::new();
     let call = |path: &'static str, auth: Option<(&'static str, String)>| {
         let (client, gateway) = (client.clone(), gateway.clone());
@@ -1001,16 +945,7 @@ async fn rate_limits_deny_with_their_headers() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, _) = start(&config).await;
     let client = reqwest::Client::new();
     let send = |header: Option<(&'static str, &'static str)>| {
         let (client, gateway) = (client.clone(), gateway.clone());
@@ -1077,10 +1012,6 @@ async fn cached_routes_answer_from_the_cache() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let served = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&served);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let origin = format!("http://{}", listener.local_addr().expect("address"));
     let app = Router::new()
         .route(
             "/fresh",
@@ -1090,7 +1021,7 @@ async fn cached_routes_answer_from_the_cache() {
             let counter = Arc::clone(&counter);
             async move { format!("answer {}", counter.fetch_add(1, Ordering::SeqCst)) }
         }));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let origin = origin(app).await;
     let config = GatewayConfig::parse(&format!(
         r#"
         [[clusters]]
@@ -1105,16 +1036,7 @@ async fn cached_routes_answer_from_the_cache() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, _) = start(&config).await;
     let client = reqwest::Client::new();
     let get = |path: &'static str, no_cache: bool| {
         let (client, gateway) = (client.clone(), gateway.clone());
@@ -1167,10 +1089,6 @@ async fn cached_routes_answer_from_the_cache() {
 /// came in time: a slow or failing call is null, with its reason under `errors`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregation_routes_return_partial_results() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let origin = format!("http://{}", listener.local_addr().expect("address"));
     let app = Router::new()
         .route(
             "/orders/{id}",
@@ -1191,7 +1109,7 @@ async fn aggregation_routes_return_partial_results() {
             "/orders/{id}/payments",
             axum::routing::get(|| async { (http::StatusCode::INTERNAL_SERVER_ERROR, "down") }),
         );
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let origin = origin(app).await;
     let config = GatewayConfig::parse(&format!(
         r#"
         [[clusters]]
@@ -1212,16 +1130,7 @@ async fn aggregation_routes_return_partial_results() {
         "#
     ))
     .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&config)),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (gateway, _) = start(&config).await;
     let started = std::time::Instant::now();
     let response = reqwest::get(format!("{gateway}/api/orders/o-7/details"))
         .await

@@ -207,10 +207,15 @@ async fn a_chain_runs_the_saga_by_reactions_and_undoes_it_last_step_first() {
     }
 
     // The trackers' inboxes exist once their consumers have started.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let tracker = Tracker::open(flow, Arc::clone(&inboxes), &trackers, Arc::new(SystemClock))
-        .await
-        .expect("tracker");
+    let opened = tokio::time::Instant::now() + Duration::from_secs(10);
+    let tracker = loop {
+        let clock = Arc::new(SystemClock);
+        match Tracker::open(Arc::clone(&flow), Arc::clone(&inboxes), &trackers, clock).await {
+            Ok(tracker) => break tracker,
+            Err(error) => assert!(tokio::time::Instant::now() < opened, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let statuses = loop {
         let flows = tracker.flows().await.expect("flows");
