@@ -48,6 +48,16 @@ pub const HANDLER_RETRY: RetryPolicy = RetryPolicy {
     jitter_ratio: 0.1,
 };
 
+/// How a consumer waits for a broker that cannot take its subscription yet: from
+/// 100 ms, doubling, at most 5 s, for as long as it runs.
+const SUBSCRIBE_RETRY: RetryPolicy = RetryPolicy {
+    attempts_max: u32::MAX,
+    initial_delay: Duration::from_millis(100),
+    multiplier: 2.0,
+    delay_max: Duration::from_secs(5),
+    jitter_ratio: 0.1,
+};
+
 /// Why a handler did not produce an effect.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandlerError {
@@ -203,8 +213,9 @@ impl Consumer {
     }
 
     /// Consumes until `shutdown` completes, then returns in-flight work to the broker
-    /// (handlers in progress get `shutdown_grace` to finish). Errors: the inbox or the
-    /// subscription cannot be opened, or an injected crash.
+    /// (handlers in progress get `shutdown_grace` to finish). A broker that is not
+    /// available yet is waited for. Errors: the inbox cannot be opened, the
+    /// subscription is refused for good, or an injected crash.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), BusError> {
         let inbox = Inbox::open(
             Arc::clone(&self.models),
@@ -215,17 +226,33 @@ impl Consumer {
         .await?;
         let options = self.options.clone();
         let max_in_flight = options.max_in_flight.max(1);
-        let subscription = self
-            .transport
-            .subscribe(SubscribeRequest {
+        let mut shutdown = std::pin::pin!(shutdown);
+        // A broker that cannot take the subscription yet (starting, restarting, slow to
+        // create the durable consumer) is waited for, with backoff, until shutdown.
+        let mut attempt = 0;
+        let subscription = loop {
+            let request = SubscribeRequest {
                 consumer: self.name.clone(),
                 source: self.source.clone(),
                 max_in_flight,
                 ack_wait: options.ack_wait,
                 checkpoints: Arc::new(inbox.clone()),
                 event_types: self.handler.event_types(),
-            })
-            .await?;
+            };
+            match self.transport.subscribe(request).await {
+                Ok(subscription) => break subscription,
+                Err(error) if error.is_retryable() => {
+                    attempt += 1;
+                    let delay = SUBSCRIBE_RETRY.delay(attempt, fastrand::f64());
+                    tracing::warn!(consumer = %self.name, %error, ?delay, "cannot subscribe yet; retrying");
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        };
         let (stopping_tx, stopping) = watch::channel(false);
         let ctx = Arc::new(Ctx {
             inbox,
@@ -248,7 +275,6 @@ impl Consumer {
         let mut housekeeping_busy = false;
         let mut fetch_failures = 0u32;
         let mut last_lag = tokio::time::Instant::now();
-        let mut shutdown = std::pin::pin!(shutdown);
 
         loop {
             let held = lanes.held + running.len();
