@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventyr_telemetry::names;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -86,6 +85,9 @@ pub struct Identity {
     pub tier: String,
     /// `jwt` or `api_key`.
     pub method: &'static str,
+    /// The gateway's own session the token belongs to (`/auth/login`), which must
+    /// still live.
+    pub session: Option<String>,
 }
 
 /// Why a credential was refused.
@@ -100,12 +102,16 @@ struct Claims {
     roles: Vec<String>,
     #[serde(default)]
     tier: Option<String>,
+    #[serde(default)]
+    sid: Option<String>,
 }
 
 struct Key {
     kid: Option<String>,
     algorithm: Algorithm,
     key: DecodingKey,
+    /// The key of the gateway's own sessions: its tokens name a session.
+    session: bool,
 }
 
 /// The verifier of one configuration.
@@ -128,9 +134,21 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    /// Errors: a key that cannot be used, with its place (`auth.keys[0]: ...`).
-    pub fn new(config: &AuthConfig) -> Result<Self, String> {
+    /// Errors: a key that cannot be used, with its place (`auth.keys[0]: ...`). With
+    /// `sessions`, the tokens of its logins verify too.
+    pub fn new(
+        config: &AuthConfig,
+        sessions: Option<&crate::session::SessionsConfig>,
+    ) -> Result<Self, String> {
         let mut keys = Vec::new();
+        if let Some(sessions) = sessions {
+            keys.push(Key {
+                kid: Some(crate::session::SESSION_KID.to_owned()),
+                algorithm: Algorithm::HS256,
+                key: DecodingKey::from_secret(sessions.access_secret.as_bytes()),
+                session: true,
+            });
+        }
         for (i, key) in config.keys.iter().enumerate() {
             let at = format!("auth.keys[{i}]");
             let (algorithm, decoding) = match (key.algorithm.as_str(), &key.secret, &key.public_key)
@@ -167,6 +185,7 @@ impl Authenticator {
                 kid: key.kid.clone(),
                 algorithm,
                 key: decoding,
+                session: false,
             });
         }
         let mut api_keys = Vec::new();
@@ -191,7 +210,8 @@ impl Authenticator {
             .map_err(|e| Refused(format!("malformed token: {e}")))?;
         let candidates = self.keys.iter().filter(|k| match (&k.kid, &header.kid) {
             (Some(ours), Some(theirs)) => ours == theirs,
-            _ => true,
+            // The session key only takes the tokens it issued (they name it).
+            _ => !k.session,
         });
         let mut last = Refused("no key verifies this token".to_owned());
         for key in candidates {
@@ -211,11 +231,15 @@ impl Authenticator {
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => {
                     let claims = data.claims;
+                    if key.session && claims.sid.is_none() {
+                        return Err(Refused("a session token without its session".to_owned()));
+                    }
                     return Ok(Identity {
                         user_id: claims.sub,
                         roles: claims.roles,
                         tier: claims.tier.unwrap_or_else(free),
                         method: "jwt",
+                        session: claims.sid.filter(|_| key.session),
                     });
                 }
                 Err(e) => last = Refused(e.to_string()),
@@ -240,6 +264,7 @@ impl Authenticator {
             roles: config.roles.clone(),
             tier: config.tier.clone(),
             method: "api_key",
+            session: None,
         })
     }
 
@@ -260,12 +285,7 @@ impl Authenticator {
     }
 }
 
-/// Counts and logs a refused credential (a security event).
-pub fn security_event(reason: &'static str, detail: &str) {
-    metrics::counter!(names::GATEWAY_AUTH_FAILURES_TOTAL, names::LABEL_REASON => reason)
-        .increment(1);
-    tracing::warn!(target: "eventyr_gateway::security", reason, detail, "credential refused");
-}
+pub use crate::session::security_event;
 
 fn hex32(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 {

@@ -64,6 +64,10 @@ pub struct GatewayConfig {
     /// believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// The Redis server shared by several gateways (shared rate limits, sessions).
+    pub redis: Option<crate::shared::RedisConfig>,
+    /// Logins and sessions (`/auth/login`, `/auth/refresh`, `/auth/logout`).
+    pub sessions: Option<crate::session::SessionsConfig>,
 }
 
 fn sixty_four_mebibytes() -> usize {
@@ -446,6 +450,21 @@ pub struct RouteConfig {
     pub cluster: Option<String>,
     #[serde(default)]
     pub split: Vec<SplitConfig>,
+    /// Served by the gateway itself (instead of a cluster): the session endpoints.
+    pub builtin: Option<Builtin>,
+}
+
+/// An endpoint the gateway serves itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Builtin {
+    /// `{"username","password"}` → a token pair.
+    Login,
+    /// `{"refresh_token"}` → a new pair (the old refresh token is spent).
+    Refresh,
+    /// Ends the caller's session (bearer token, or `{"refresh_token"}`);
+    /// `{"all": true}` ends all of the caller's sessions.
+    Logout,
 }
 
 /// How a route matches the path.
@@ -509,8 +528,24 @@ impl GatewayConfig {
         if self.limits.header_read_timeout.is_zero() {
             return Err(error("limits.header_read_timeout", "above 0"));
         }
+        if let Some(redis) = &self.redis {
+            crate::shared::SharedRedis::new(redis).map_err(|e| error("redis.url", e))?;
+            if redis.timeout.is_zero() {
+                return Err(error("redis.timeout", "above 0"));
+            }
+        }
+        if let Some(sessions) = &self.sessions {
+            crate::session::check(sessions, self.redis.is_some())
+                .map_err(|(key, message)| error(key, message))?;
+            if self.auth.is_none() {
+                return Err(error(
+                    "sessions",
+                    "sessions need an [auth] section (its roles and issuer)",
+                ));
+            }
+        }
         if let Some(auth) = &self.auth {
-            crate::auth::Authenticator::new(auth).map_err(|message| {
+            crate::auth::Authenticator::new(auth, self.sessions.as_ref()).map_err(|message| {
                 let (key, message) = message.split_once(": ").unwrap_or(("auth", &message));
                 error(key, message)
             })?;
@@ -536,6 +571,12 @@ impl GatewayConfig {
                 return Err(error(
                     format!("{key}.limit"),
                     "limit and burst are at least 1",
+                ));
+            }
+            if rule.shared && self.redis.is_none() {
+                return Err(error(
+                    format!("{key}.shared"),
+                    "a shared rule needs a [redis] section",
                 ));
             }
             if rule.period < Duration::from_millis(1) {
@@ -699,6 +740,22 @@ impl GatewayConfig {
                         "upper-case methods, e.g. GET",
                     ));
                 }
+            }
+            if route.builtin.is_some() {
+                if route.cluster.is_some() || !route.split.is_empty() || !route.aggregate.is_empty()
+                {
+                    return Err(error(
+                        format!("{key}.builtin"),
+                        "a built-in route has no cluster, split or aggregate",
+                    ));
+                }
+                if self.sessions.is_none() {
+                    return Err(error(
+                        format!("{key}.builtin"),
+                        "the session endpoints need a [sessions] section",
+                    ));
+                }
+                continue;
             }
             if !route.aggregate.is_empty() {
                 if route.cluster.is_some() || !route.split.is_empty() {

@@ -40,10 +40,11 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// A gateway of a checked configuration; `file` is where reloads read it again.
-    pub fn new(config: &GatewayConfig, file: Option<PathBuf>) -> Arc<Self> {
-        let proxy = Arc::new(Proxy::new(config));
+    /// Errors: its session store cannot be opened.
+    pub fn new(config: &GatewayConfig, file: Option<PathBuf>) -> Result<Arc<Self>, String> {
+        let proxy = Arc::new(Proxy::new(config)?);
         let modified = file.as_ref().and_then(|f| modified(f));
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             current: RwLock::new(Current {
                 stack: stack(Arc::clone(&proxy)),
                 proxy,
@@ -51,7 +52,7 @@ impl Gateway {
             file,
             modified: RwLock::new(modified),
             generation: watch::Sender::new(0),
-        })
+        }))
     }
 
     /// A gateway of one proxy that never reloads.
@@ -102,7 +103,7 @@ impl Gateway {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         let config = GatewayConfig::parse(&text).map_err(|e| e.to_string())?;
-        let proxy = Arc::new(Proxy::new(&config));
+        let proxy = Arc::new(Proxy::new(&config)?);
         *self
             .current
             .write()

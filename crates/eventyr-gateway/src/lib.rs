@@ -28,10 +28,11 @@
 //!
 //! - [`auth`], [`ratelimit`], [`cache`]: what those layers use. [`gateway`]: the
 //!   configuration in force, hot-reloaded; [`admin`]: the admin API.
+//! - [`session`]: logins, rotating refresh tokens with reuse detection, logout and
+//!   server-side revocation, kept in SQLite or Redis; [`shared`]: the Redis that
+//!   several gateways share (sessions, and rate-limit rules with `shared = true`).
 //!
-//! Next: sessions (`/auth/login|refresh|logout`, argon2, Redis when distributed),
-//! JWKS, the Redis rate-limit backend, aggregation routes, h2c and WebSocket
-//! upgrades, the gateway in front of `eventyr up`, `eventyr bench gateway`.
+//! Next: JWKS, h2c and WebSocket upgrades, the gateway in front of `eventyr up`.
 
 pub mod admin;
 pub mod auth;
@@ -44,4 +45,6 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod resilience;
 pub mod route;
+pub mod session;
+pub mod shared;
 pub mod stack;

@@ -26,7 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticated, Authenticator};
 use crate::balance::Balancer;
 use crate::cache::ResponseCache;
 use crate::config::RetryOn;
@@ -35,6 +35,8 @@ use crate::gateway::Gateway;
 use crate::ratelimit::{Cidr, Rule};
 use crate::resilience::{Breaker, BreakerState, RetryBudget};
 use crate::route::RouteTable;
+use crate::session::Sessions;
+use crate::shared::SharedRedis;
 use crate::stack::{BodyLimit, ClientAddr, Routed};
 
 /// Why a body stopped: the network, or a limit.
@@ -89,6 +91,8 @@ pub struct Proxy {
     rules: Vec<Rule>,
     trusted: Vec<Cidr>,
     authenticator: Option<Authenticator>,
+    sessions: Option<Sessions>,
+    redis: Option<SharedRedis>,
     limits: LimitsConfig,
     clusters: HashMap<String, Cluster>,
     client: Client<HttpConnector, Body>,
@@ -103,8 +107,9 @@ impl std::fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    /// The proxy of a checked configuration (`GatewayConfig::check`).
-    pub fn new(config: &GatewayConfig) -> Self {
+    /// The proxy of a checked configuration (`GatewayConfig::check`). Errors: the
+    /// session store cannot be opened.
+    pub fn new(config: &GatewayConfig) -> Result<Self, String> {
         let clusters = config
             .clusters
             .iter()
@@ -148,7 +153,22 @@ impl Proxy {
             .map(|r| Rule::new(r.clone(), config.rate_limit_max_keys))
             .collect();
         rules.sort_by_key(|r| std::cmp::Reverse(r.config.priority));
-        Self {
+        let redis = config
+            .redis
+            .as_ref()
+            .map(SharedRedis::new)
+            .transpose()
+            .map_err(|e| format!("redis.url: {e}"))?;
+        let sessions = match &config.sessions {
+            Some(sessions) => Some(Sessions::new(
+                sessions,
+                config.auth.as_ref().and_then(|a| a.issuer.as_deref()),
+                config.auth.as_ref().and_then(|a| a.audience.as_deref()),
+                redis.as_ref(),
+            )?),
+            None => None,
+        };
+        Ok(Self {
             table: RouteTable::new(config),
             cache: ResponseCache::new(config.cache_max_bytes),
             rules,
@@ -161,11 +181,13 @@ impl Proxy {
             authenticator: config
                 .auth
                 .as_ref()
-                .and_then(|a| Authenticator::new(a).ok()),
+                .and_then(|a| Authenticator::new(a, config.sessions.as_ref()).ok()),
+            sessions,
+            redis,
             limits: config.limits.clone(),
             clusters,
             client,
-        }
+        })
     }
 
     /// The endpoints with active health checks.
@@ -342,6 +364,16 @@ impl Proxy {
         &self.limits
     }
 
+    /// The session service, with `[sessions]`.
+    pub fn sessions(&self) -> Option<&Sessions> {
+        self.sessions.as_ref()
+    }
+
+    /// The shared Redis, with `[redis]`.
+    pub fn redis(&self) -> Option<&SharedRedis> {
+        self.redis.as_ref()
+    }
+
     /// The route table (the route layer uses it).
     pub fn routes(&self) -> &RouteTable {
         &self.table
@@ -374,6 +406,15 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        if let Some(builtin) = routed.builtin {
+            return match &self.sessions {
+                Some(sessions) => {
+                    let identity = parts.extensions.get::<Authenticated>().map(|a| &*a.0);
+                    crate::session::endpoint(sessions, builtin, identity, body).await
+                }
+                None => error(StatusCode::NOT_FOUND, "no_route", "no sessions here"),
+            };
+        }
         if !routed.aggregate.is_empty() {
             let headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
             return self.aggregate(&routed, headers).await;

@@ -1,8 +1,11 @@
 //! Rate limiting: rules matched to routes by pattern and priority, each with one of
 //! the four algorithms of the sources and a key (global, tier, consumer, API key,
 //! client IP); the first denial wins. This module holds the local backend (in
-//! memory, sharded, idle keys evicted: memory stays bounded); a Redis backend for
-//! limits shared by several gateways comes next.
+//! memory, sharded, idle keys evicted: memory stays bounded) and the shared one (a
+//! rule with `shared = true` counts in Redis, one atomic Lua script per decision on
+//! the Redis server's clock, so several gateways enforce one limit together; when
+//! Redis cannot answer, the rule's `on_backend_error` lets the request through
+//! (`allow`, the default: fail open) or refuses it with 503 (`deny`).
 //!
 //! - fixed window: at most `limit` per window aligned on multiples of `period`;
 //! - sliding window: the fixed-window counter of now, plus the previous window's
@@ -46,6 +49,24 @@ pub struct RuleConfig {
     /// Counts without denying (to try a rule on live traffic).
     #[serde(default)]
     pub shadow: bool,
+    /// Counted in the `[redis]` server, across every gateway that shares it.
+    #[serde(default)]
+    pub shared: bool,
+    /// What a shared rule does when Redis cannot answer. Default allow.
+    #[serde(default)]
+    pub on_backend_error: OnBackendError,
+}
+
+/// What a shared rule does without its backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBackendError {
+    /// Let the request through (fail open): an outage of Redis is no outage of the API.
+    #[default]
+    Allow,
+    /// Refuse it, 503 `rate_limit_unavailable` (fail closed): for limits that protect
+    /// something that must not be overrun.
+    Deny,
 }
 
 fn every_route() -> Vec<String> {
@@ -108,6 +129,8 @@ pub struct Rule {
     began: Instant,
     /// Keys kept per shard at most; beyond, idle keys go first.
     max_keys: usize,
+    /// The algorithm's script, for a shared rule.
+    script: Option<redis::Script>,
 }
 
 impl std::fmt::Debug for Rule {
@@ -121,6 +144,9 @@ impl std::fmt::Debug for Rule {
 impl Rule {
     pub fn new(config: RuleConfig, max_keys: usize) -> Self {
         Self {
+            script: config
+                .shared
+                .then(|| redis::Script::new(script(config.algorithm))),
             config,
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
@@ -342,7 +368,104 @@ impl Rule {
             })
             .sum()
     }
+
+    /// Counts one request of `key` in the shared Redis (a rule with `shared = true`):
+    /// one script call, atomic on the server, timed by the server's clock.
+    pub async fn check_shared(
+        &self,
+        redis: &crate::shared::SharedRedis,
+        key: &str,
+    ) -> redis::RedisResult<Decision> {
+        let script = self.script.as_ref().ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Client, "the rule is not shared"))
+        })?;
+        let mut connection = redis.connection()?;
+        let limit = self.config.limit.max(1);
+        let (allowed, remaining, reset_ms): (u8, u64, u64) = script
+            .key(format!("eventyr:rl:{}:{key}", self.config.name))
+            .arg(limit)
+            .arg(self.period_millis())
+            .arg(self.burst())
+            .invoke_async(&mut connection)
+            .await?;
+        Ok(Decision {
+            allowed: allowed == 1,
+            limit,
+            remaining,
+            reset: Duration::from_millis(reset_ms),
+        })
+    }
 }
+
+/// The Lua script of an algorithm: `KEYS[1]` the key, `ARGV` limit, period (ms) and
+/// burst; answers `{allowed, remaining, reset_ms}`. The same arithmetic as the local
+/// backend, on the Redis server's clock (`TIME`), so gateways with skewed clocks
+/// still agree.
+fn script(algorithm: AlgorithmKind) -> &'static str {
+    match algorithm {
+        AlgorithmKind::FixedWindow => FIXED_WINDOW,
+        AlgorithmKind::SlidingWindow => SLIDING_WINDOW,
+        AlgorithmKind::TokenBucket => TOKEN_BUCKET,
+        AlgorithmKind::Gcra => GCRA,
+    }
+}
+
+const FIXED_WINDOW: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local limit, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+local key = KEYS[1] .. ':' .. math.floor(now / period)
+local reset = period - now % period
+local used = tonumber(redis.call('GET', key) or '0')
+if used + 1 > limit then return {0, 0, reset} end
+used = redis.call('INCR', key)
+if used == 1 then redis.call('PEXPIRE', key, period * 2) end
+return {1, limit - used, reset}";
+
+const SLIDING_WINDOW: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local limit, period = tonumber(ARGV[1]), tonumber(ARGV[2])
+local window = math.floor(now / period)
+local current = KEYS[1] .. ':' .. window
+local elapsed = now % period
+local count = tonumber(redis.call('GET', current) or '0')
+local previous = tonumber(redis.call('GET', KEYS[1] .. ':' .. (window - 1)) or '0')
+local used = count + previous * (period - elapsed) / period
+if used + 1 > limit then return {0, 0, period - elapsed} end
+if redis.call('INCR', current) == 1 then redis.call('PEXPIRE', current, period * 2) end
+return {1, math.max(0, math.floor(limit - used - 1)), period - elapsed}";
+
+const TOKEN_BUCKET: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + t[2] / 1000
+local limit, period, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rate = limit / period
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local last = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - last) * rate)
+local allowed = 0
+if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate) + 1000)
+local missing = 1 - tokens
+if allowed == 1 then missing = burst - tokens end
+return {allowed, math.floor(tokens), math.ceil(missing / rate)}";
+
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
+local limit, period, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local interval = math.max(1, math.floor(period * 1000 / limit))
+local tolerance = interval * (burst - 1)
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), now)
+local allow_at = tat - tolerance
+if now < allow_at then return {0, 0, math.ceil((allow_at - now) / 1000)} end
+local next = tat + interval
+local ahead = next - now
+redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil(ahead / 1000) + 1)
+return {1, math.floor((tolerance + interval - ahead) / interval), math.ceil(ahead / 1000)}";
 
 /// An address range of proxies whose `X-Forwarded-For` is believed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -426,6 +549,8 @@ mod tests {
                 key: KeyKind::Global,
                 tier: None,
                 shadow: false,
+                shared: false,
+                on_backend_error: OnBackendError::Allow,
             },
             1_000,
         )

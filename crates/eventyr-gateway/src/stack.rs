@@ -89,6 +89,7 @@ pub struct Routed {
     pub permissions: Arc<[String]>,
     pub cache: Option<Arc<crate::cache::CacheConfig>>,
     pub aggregate: Arc<[crate::config::AggregateCall]>,
+    pub builtin: Option<crate::config::Builtin>,
 }
 
 /// The route's name on the response (for the access log and metrics outside it).
@@ -338,6 +339,7 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             permissions: Arc::clone(m.permissions),
             cache: m.cache.cloned(),
             aggregate: Arc::clone(m.aggregate),
+            builtin: m.builtin,
         })
     };
     let Some(routed) = routed else {
@@ -502,6 +504,29 @@ async fn authentication(
     match verified {
         None => next.run(request).await,
         Some(Ok(identity)) => {
+            if let Some(sid) = &identity.session {
+                // The gateway's own session token: only while its session lives.
+                let alive = match proxy.sessions() {
+                    Some(sessions) => sessions.is_active(sid).await,
+                    None => Ok(false),
+                };
+                match alive {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        crate::auth::security_event("session_ended", &identity.user_id);
+                        return invalid_token(
+                            "the token's session has ended (logged out or revoked)",
+                        );
+                    }
+                    Err(e) => {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "session_store_unavailable",
+                            e.to_string(),
+                        );
+                    }
+                }
+            }
             if let Ok(value) = HeaderValue::from_str(&identity.user_id) {
                 request.headers_mut().insert("x-user-id", value);
             }
@@ -512,14 +537,18 @@ async fn authentication(
         }
         Some(Err((reason, refused))) => {
             crate::auth::security_event(reason, &refused.0);
-            let mut response = error(StatusCode::UNAUTHORIZED, "invalid_token", refused.0);
-            response.headers_mut().insert(
-                http::header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer error=\"invalid_token\""),
-            );
-            response
+            invalid_token(refused.0)
         }
     }
+}
+
+fn invalid_token(message: impl Into<String>) -> Response<Body> {
+    let mut response = error(StatusCode::UNAUTHORIZED, "invalid_token", message);
+    response.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+    );
+    response
 }
 
 /// The route's permissions: none needed, anyone; else a caller (401
@@ -570,7 +599,7 @@ async fn authorization(
 /// the IETF draft headers (`RateLimit-Policy`, `RateLimit`, of the tightest rule) and
 /// `X-RateLimit-Limit/-Remaining/-Reset`.
 async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Response<Body> {
-    use crate::ratelimit::{Decision, KeyKind};
+    use crate::ratelimit::{Decision, KeyKind, OnBackendError};
     if proxy.rules().is_empty() {
         return next.run(request).await;
     }
@@ -609,7 +638,27 @@ async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -
             },
             KeyKind::ClientIp => format!("ip:{client}"),
         };
-        let decision = rule.check(&key);
+        let decision = if rule.config.shared {
+            match (proxy.redis(), rule.config.on_backend_error) {
+                (Some(redis), fail) => match rule.check_shared(redis, &key).await {
+                    Ok(decision) => decision,
+                    Err(e) => {
+                        backend_error(&rule.config.name, &e);
+                        if fail == OnBackendError::Deny && !rule.config.shadow {
+                            return error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "rate_limit_unavailable",
+                                format!("rate limit {} cannot be checked now", rule.config.name),
+                            );
+                        }
+                        continue;
+                    }
+                },
+                (None, _) => continue,
+            }
+        } else {
+            rule.check(&key)
+        };
         let outcome = match (decision.allowed, rule.config.shadow) {
             (true, _) => "allowed",
             (false, true) => "shadow_limited",
@@ -654,6 +703,25 @@ async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -
         set_limit_headers(&mut response, &name, decision, window);
     }
     response
+}
+
+/// Counts a shared rule that could not be checked, and says so in the log at most
+/// once a second (an outage of Redis would otherwise log every request).
+fn backend_error(rule: &str, e: &redis::RedisError) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_LOGGED: AtomicU64 = AtomicU64::new(0);
+    metrics::counter!(
+        names::GATEWAY_RATELIMIT_DECISIONS_TOTAL,
+        names::LABEL_RULE => rule.to_owned(),
+        names::LABEL_DECISION => "backend_error"
+    )
+    .increment(1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_LOGGED.swap(now, Ordering::Relaxed) != now {
+        tracing::warn!(rule, error = %e, "a shared rate limit cannot reach Redis");
+    }
 }
 
 fn set_limit_headers(

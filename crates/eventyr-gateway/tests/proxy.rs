@@ -8,83 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Request, State};
 use axum::routing::any;
 use eventyr_gateway::config::GatewayConfig;
 use eventyr_gateway::proxy::{Proxy, serve};
 use serde_json::{Value, json};
 
-/// An upstream that answers with what it saw.
-async fn upstream(name: &'static str) -> String {
-    async fn echo(State(name): State<&'static str>, request: Request) -> axum::Json<Value> {
-        let (parts, body) = request.into_parts();
-        let header = |h: &str| {
-            parts
-                .headers
-                .get(h)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let seen = json!({
-            "upstream": name,
-            "method": parts.method.as_str(),
-            "path": parts.uri.path(),
-            "query": parts.uri.query(),
-            "x-request-id": header("x-request-id"),
-            "x-forwarded-for": header("x-forwarded-for"),
-            "x-forwarded-host": header("x-forwarded-host"),
-            "x-forwarded-proto": header("x-forwarded-proto"),
-            "traceparent": header("traceparent"),
-            "x-secret": header("x-secret"),
-            "x-user-id": header("x-user-id"),
-        });
-        let body = axum::body::to_bytes(body, 1 << 20)
-            .await
-            .unwrap_or_default();
-        let mut seen = seen;
-        seen["body"] = json!(String::from_utf8_lossy(&body));
-        axum::Json(seen)
-    }
-    let app = Router::new().fallback(any(echo)).with_state(name);
-    origin(app).await
-}
-
-/// Serves `app` on a loopback port; its base URL.
-async fn origin(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{address}")
-}
-
-/// Runs a gateway of `config` on a loopback port until the test ends; its base URL
-/// and its proxy.
-async fn start(config: &GatewayConfig) -> (String, Arc<Proxy>) {
-    let proxy = Arc::new(Proxy::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let gateway = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(serve(
-        listener,
-        Arc::clone(&proxy),
-        futures_pending(),
-        Duration::from_secs(1),
-    ));
-    (gateway, proxy)
-}
-
-/// A port nothing listens on.
-async fn dead() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    drop(listener);
-    format!("http://{address}")
-}
+mod common;
+use common::{dead, futures_pending, origin, start, upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_routes_rewrites_forwards_and_tries_another_endpoint() {
@@ -121,7 +51,7 @@ async fn the_proxy_routes_rewrites_forwards_and_tries_another_endpoint() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(serve(
         listener,
-        Arc::new(Proxy::new(&config)),
+        Arc::new(Proxy::new(&config).expect("the proxy starts")),
         async move {
             let _ = stopped.await;
         },
@@ -330,10 +260,6 @@ async fn failing_endpoints_leave_their_cluster() {
             .expect("send");
         assert_eq!(response.status(), 200);
     }
-}
-
-fn futures_pending() -> impl Future<Output = ()> + Send {
-    std::future::pending()
 }
 
 /// A route's timeout bounds the upstream's answer: 504 with the JSON error body, and

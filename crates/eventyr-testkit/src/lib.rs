@@ -13,9 +13,11 @@ pub mod contracts;
 mod nats;
 mod postgres;
 mod process;
+mod redis;
 
 pub use crate::nats::{NATS_SERVER_ENV, NatsOptions, NatsServer};
 pub use crate::postgres::{PostgresOptions, PostgresServer, test_postgres_url};
+pub use crate::redis::RedisServer;
 
 /// Why a server could not be started.
 #[derive(Debug, thiserror::Error)]

@@ -56,6 +56,13 @@ pub enum StoreKind {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Print the argon2id hash of a password, for a user's `password_hash` in
+    /// `[sessions]` (the password is read from standard input, one line).
+    HashPassword,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the reference system: six services, the saga engine and the public API, in
     /// this process, with storage under the data directory.
@@ -66,6 +73,8 @@ pub enum Command {
         /// Where to listen, instead of the file's `listen`.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        #[command(subcommand)]
+        command: Option<GatewayCommand>,
     },
     /// Drive orders through the public API of a running `eventyr up`, wait for every
     /// saga, reconcile, and print outcomes, latency and throughput.

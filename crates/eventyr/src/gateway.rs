@@ -21,6 +21,21 @@ pub fn file(global: &crate::cli::GlobalArgs) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("gateway.toml"))
 }
 
+/// `eventyr gateway hash-password`: the argon2id hash of the line on standard input.
+pub fn hash_password() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line.trim_end_matches(['\n', '\r']);
+    anyhow::ensure!(!password.is_empty(), "an empty password");
+    println!(
+        "{}",
+        eventyr_gateway::session::hash_password(password).map_err(anyhow::Error::msg)?
+    );
+    Ok(())
+}
+
 /// How long a stop waits for the requests under way.
 const GRACE: Duration = Duration::from_secs(30);
 
@@ -48,7 +63,7 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
         config.routes.len(),
         config.clusters.len()
     );
-    let gateway = Gateway::new(&config, Some(file.to_path_buf()));
+    let gateway = Gateway::new(&config, Some(file.to_path_buf())).map_err(anyhow::Error::msg)?;
     let (stopping, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|s| *s).await;

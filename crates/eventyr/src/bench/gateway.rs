@@ -183,7 +183,7 @@ pub async fn run(config: &Config, args: GatewayBenchArgs) -> anyhow::Result<()> 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(serve(
         listener,
-        Arc::new(Proxy::new(&gateway_config)),
+        Arc::new(Proxy::new(&gateway_config).map_err(anyhow::Error::msg)?),
         async move {
             let _ = stopped.await;
         },
