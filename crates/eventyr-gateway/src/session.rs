@@ -452,8 +452,17 @@ pub fn security_event(reason: &'static str, detail: &str) {
 /// 128 random bits from the operating system, as hex: session and refresh ids must
 /// not be guessable.
 fn random_id() -> String {
+    random_hex::<16>()
+}
+
+/// 256 random bits from the operating system, as hex: a token key.
+pub fn random_secret() -> String {
+    random_hex::<32>()
+}
+
+fn random_hex<const N: usize>() -> String {
     use argon2::password_hash::rand_core::{OsRng, RngCore};
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; N];
     OsRng.fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -165,6 +165,12 @@ pub struct DemoArgs {
     /// The seed of the order mix (random by default; printed).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Who logs in at the gateway (`POST /auth/login`) to drive the orders.
+    #[arg(long, default_value = "admin")]
+    pub user: String,
+    /// Their password.
+    #[arg(long, default_value = "admin", env = "EVENTYR_DEMO_PASSWORD")]
+    pub password: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -120,6 +120,39 @@ async fn drive(
     }
 }
 
+/// A client logged in at the gateway as `user` (its access token on every request;
+/// it lasts 15 minutes). A URL without `/auth/login` (the services' own API) gets a
+/// client without a token.
+async fn login(url: &str, user: &str, password: &str) -> anyhow::Result<reqwest::Client> {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/auth/login"))
+        .json(&serde_json::json!({ "username": user, "password": password }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    if status == reqwest::StatusCode::NOT_FOUND {
+        return Ok(reqwest::Client::new());
+    }
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    anyhow::ensure!(
+        status.is_success(),
+        "cannot log in at {url} as {user}: {status} {}",
+        body["message"].as_str().unwrap_or_default()
+    );
+    let token = body["access_token"]
+        .as_str()
+        .context("the login answer has no access_token")?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?,
+    );
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
+
 pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.orders > 0 && args.concurrency > 0,
@@ -139,7 +172,7 @@ pub async fn run(config: &Config, args: DemoArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let client = reqwest::Client::new();
+    let client = login(&url, &args.user, &args.password).await?;
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.min(planned.len()) {

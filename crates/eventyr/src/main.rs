@@ -9,6 +9,7 @@ mod config;
 mod demo;
 mod dlq;
 mod events;
+mod front;
 mod gateway;
 mod output;
 mod projection;

@@ -36,7 +36,10 @@ use crate::stores;
 
 /// The running system: its addresses, and its tasks (which end after the stop).
 pub struct Addresses {
+    /// The gateway: the public API.
     pub public: SocketAddr,
+    /// The services' own API behind it (loopback, no authentication).
+    pub internal: SocketAddr,
     pub services: Vec<(&'static str, SocketAddr)>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -561,10 +564,18 @@ pub async fn start(
     .merge(eventyr_saga::admin_router(sagas))
     .merge(flows_router(Arc::new(flows)))
     .merge(faults_router(knobs));
-    let public = with_probes(public, &order_store, &order_inbox);
-    let public = serve(listen, public, stop, &mut tasks).await?;
+    let internal = with_probes(public, &order_store, &order_inbox);
+    let internal = serve(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        internal,
+        stop.clone(),
+        &mut tasks,
+    )
+    .await?;
+    let public = crate::front::serve(data_dir, listen, internal, stop, &mut tasks).await?;
     Ok(Addresses {
         public,
+        internal,
         services: addresses,
         tasks,
     })
@@ -851,6 +862,10 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
     let addresses = start(&config.data_dir, args.listen, config, mode, stopped).await?;
     println!("eventyr is up ({}).", config.data_dir.display());
     println!("public API on http://{}", addresses.public);
+    println!(
+        "services' API on http://{} (loopback, behind the gateway, no login)",
+        addresses.internal
+    );
     let mode_name = match mode {
         SagaMode::Orchestrated => "orchestrated",
         SagaMode::Choreographed => "choreographed",
@@ -863,11 +878,13 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
         println!("  {service:<13} steps on http://{address}");
     }
     println!(
-        "try: curl -s -X POST http://{}/api/orders -H 'content-type: application/json' \\\n       -d '{{\"customer_id\":\"alice\",\"items\":[{{\"sku\":\"SKU-1\",\"quantity\":2}}],\"points_to_use\":10}}'",
+        "try: TOKEN=$(curl -s -X POST http://{0}/auth/login -H 'content-type: application/json' \\\n         -d '{{\"username\":\"alice\",\"password\":\"alice\"}}' | jq -r .access_token)\n     \
+         curl -s -X POST http://{0}/api/orders -H \"authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n         -d '{{\"customer_id\":\"alice\",\"items\":[{{\"sku\":\"SKU-1\",\"quantity\":2}}],\"points_to_use\":10}}'",
         addresses.public
     );
     println!(
-        "demo customers: alice (credit 100 000.00, 500 points), bob (credit 50.00, no points)"
+        "demo users: alice/alice and bob/bob (customers), admin/admin (admin); \
+         customers alice (credit 100 000.00, 500 points), bob (credit 50.00, no points)"
     );
     println!(
         "started at {}; reconciliation every {:?}; Ctrl-C stops it",

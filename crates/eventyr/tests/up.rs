@@ -1,6 +1,7 @@
 //! `eventyr up` as a process: the demo orders reach their outcomes through the public
-//! API; after a SIGKILL and a restart on the same data directory everything is still
-//! there and new orders go on.
+//! API (the gateway: logins, permissions, the details aggregation); after a SIGKILL
+//! and a restart on the same data directory everything is still there (sessions too)
+//! and new orders go on.
 
 mod common;
 
@@ -37,8 +38,9 @@ impl Drop for Running {
     }
 }
 
-/// Starts `eventyr up` on a free port; returns the process, the public API's URL and
-/// each participant service's.
+/// Starts `eventyr up` on a free port; returns the process, the URL of the services'
+/// API behind the gateway (no login), and each participant service's (the gateway's,
+/// the public API, under `gateway`).
 fn up(dir: &Path) -> (Running, String, HashMap<String, String>) {
     up_with(dir, &[], Stdio::inherit())
 }
@@ -61,19 +63,25 @@ fn up_with(
     let mut lines = BufReader::new(stdout).lines();
     let mut base = None;
     let mut services = HashMap::new();
-    while services.len() < 5 {
+    while services.len() < 6 {
         let line = lines
             .next()
             .expect("eventyr up printed its addresses")
             .expect("a line");
         if let Some(url) = line.strip_prefix("public API on ") {
+            services.insert("gateway".to_owned(), url.to_owned());
+        }
+        if let Some((url, _)) = line
+            .strip_prefix("services' API on ")
+            .and_then(|rest| rest.split_once(' '))
+        {
             base = Some(url.to_owned());
         }
         if let Some((service, url)) = line.trim().split_once(" steps on ") {
             services.insert(service.trim().to_owned(), url.trim().to_owned());
         }
     }
-    let base = base.expect("the public API's address comes first");
+    let base = base.expect("the services' API's address comes first");
     // Keep reading so that the process never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     (child, base, services)
@@ -116,6 +124,44 @@ async fn place(base: &str, key: &str, body: Value) -> String {
     placed["order_id"].as_str().expect("id").to_owned()
 }
 
+/// Logs in at the gateway; the access token.
+async fn login(gateway: &str, user: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{gateway}/auth/login"))
+        .json(&json!({ "username": user, "password": user }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200, "{user} logs in");
+    let pair: Value = response.json().await.expect("json");
+    pair["access_token"].as_str().expect("a token").to_owned()
+}
+
+/// `method path` at the gateway with `token`: the status and the answer.
+async fn call(
+    gateway: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let url = format!("{gateway}{path}");
+    let mut request = match method {
+        "POST" => client.post(url),
+        _ => client.get(url),
+    };
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.header("Idempotency-Key", path).json(&body);
+    }
+    let response = request.send().await.expect("send");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
 async fn settled(base: &str, order_id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -135,7 +181,40 @@ async fn settled(base: &str, order_id: &str) -> Value {
 async fn the_system_serves_the_demo_and_survives_sigkill() {
     let dir = tempfile::tempdir().expect("dir");
     let (mut first, base, services) = up(dir.path());
-    let alice = place(&base, "a", json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 2 }], "points_to_use": 10 })).await;
+    let gateway = services["gateway"].clone();
+
+    // The public API is the gateway's: a login first, then the customer's permissions.
+    let order = json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 2 }], "points_to_use": 10 });
+    let (status, answer) = call(&gateway, None, "POST", "/api/orders", Some(order.clone())).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let alice_token = login(&gateway, "alice").await;
+    let (status, placed) = call(
+        &gateway,
+        Some(&alice_token),
+        "POST",
+        "/api/orders",
+        Some(order),
+    )
+    .await;
+    assert_eq!(status, 202, "{placed}");
+    let alice = placed["order_id"].as_str().expect("id").to_owned();
+    let (status, answer) = call(&gateway, Some(&alice_token), "GET", "/admin/sagas", None).await;
+    assert_eq!((status, answer["error"].as_str()), (403, Some("forbidden")));
+    let admin_token = login(&gateway, "admin").await;
+    let (status, sagas) = call(&gateway, Some(&admin_token), "GET", "/admin/sagas", None).await;
+    assert_eq!(status, 200, "{sagas}");
+    let (status, limits) = call(
+        &gateway,
+        Some(&admin_token),
+        "GET",
+        "/admin/ratelimits",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{limits}");
     let rare = place(
         &base,
         "r",
@@ -149,6 +228,26 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
     )
     .await;
     assert_eq!(settled(&base, &alice).await["status"], "COMPLETED");
+    // The aggregation: the order with its payment and shipment, in one answer.
+    let (status, details) = call(
+        &gateway,
+        Some(&alice_token),
+        "GET",
+        &format!("/api/orders/{alice}/details"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{details}");
+    assert_eq!(details["order"]["status"], "COMPLETED", "{details}");
+    assert_eq!(
+        details["payments"]["items"][0]["status"], "CHARGED",
+        "{details}"
+    );
+    assert_eq!(
+        details["shipments"]["items"][0]["order_id"],
+        alice.as_str(),
+        "{details}"
+    );
     assert_eq!(settled(&base, &rare).await["status"], "FAILED");
     assert_eq!(settled(&base, &bob).await["status"], "FAILED");
     let (_, points) = testing::get(&format!("{base}/api/customers/alice/points")).await;
@@ -193,12 +292,22 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
     first.kill().expect("SIGKILL");
     first.wait().expect("reaped");
 
-    let (mut second, base, _) = up(dir.path());
+    let (mut second, base, services) = up(dir.path());
     assert_eq!(
         settled(&base, &alice).await["status"],
         "COMPLETED",
         "still there"
     );
+    // Sessions and token keys outlive the process: alice is still logged in.
+    let (status, order) = call(
+        &services["gateway"],
+        Some(&alice_token),
+        "GET",
+        &format!("/api/orders/{alice}"),
+        None,
+    )
+    .await;
+    assert_eq!((status, order["status"].as_str()), (200, Some("COMPLETED")));
     for order in &under_way {
         assert_eq!(
             settled(&base, order).await["status"],
@@ -240,7 +349,8 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
 async fn the_demo_drives_orders_and_every_invariant_holds_in_both_saga_modes() {
     for mode in ["orchestrated", "choreographed"] {
         let dir = tempfile::tempdir().expect("dir");
-        let (mut system, base, _) = up_with(dir.path(), &["--saga-mode", mode], Stdio::inherit());
+        let (mut system, _, services) =
+            up_with(dir.path(), &["--saga-mode", mode], Stdio::inherit());
         let args = [
             "demo",
             "--orders",
@@ -250,8 +360,9 @@ async fn the_demo_drives_orders_and_every_invariant_holds_in_both_saga_modes() {
             "--mix",
             "failures",
             "--url",
-            &base,
+            &services["gateway"],
         ];
+        // Through the gateway, logged in as admin (the default).
         let demo = common::run(dir.path(), &args).await;
         let output = common::text(&demo.stdout);
         assert!(

@@ -1,0 +1,307 @@
+//! The gateway in front of `eventyr up`: the public API of PLAN.md on `--listen`,
+//! through `eventyr-gateway` with sessions for the demo users (`alice`, `bob`:
+//! customers; `admin`: every permission), role-based permissions per route, a login
+//! rate limit per client address, a per-caller limit, and the order-details
+//! aggregation. Behind it, the services' own API on a loopback port.
+//!
+//! Sessions live in `<data-dir>/gateway/sessions.db`; the token keys are made at the
+//! first start and kept in `<data-dir>/gateway/secrets.json` (owner-only), so a
+//! restart keeps everyone logged in.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use eventyr_gateway::config::GatewayConfig;
+use eventyr_gateway::gateway::Gateway;
+use eventyr_gateway::session::{hash_password, random_secret};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// The demo users: (name = password, role).
+pub const DEMO_USERS: [(&str, &str); 3] = [
+    ("alice", "customer"),
+    ("bob", "customer"),
+    ("admin", "admin"),
+];
+
+/// How long a stop waits for the requests under way.
+const GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Serialize, Deserialize)]
+struct Secrets {
+    access_secret: String,
+    refresh_secret: String,
+}
+
+/// The token keys of this data directory, made at its first start.
+fn secrets(dir: &Path) -> anyhow::Result<Secrets> {
+    let file = dir.join("secrets.json");
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        return serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged; remove it to make new keys", file.display()));
+    }
+    let secrets = Secrets {
+        access_secret: random_secret(),
+        refresh_secret: random_secret(),
+    };
+    let text = serde_json::to_string_pretty(&secrets)?;
+    let temporary = dir.join("secrets.json.new");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .with_context(|| format!("cannot write {}", temporary.display()))?;
+        out.write_all(text.as_bytes())?;
+        out.sync_all()?;
+    }
+    std::fs::rename(&temporary, &file)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(secrets)
+}
+
+/// The gateway's configuration in front of the services' API at `internal`, with
+/// its admin API at `admin`.
+pub fn config(
+    dir: &Path,
+    internal: SocketAddr,
+    admin: SocketAddr,
+) -> anyhow::Result<GatewayConfig> {
+    let secrets = secrets(dir)?;
+    let mut users = String::new();
+    for (name, role) in DEMO_USERS {
+        let hash = hash_password(name).map_err(anyhow::Error::msg)?;
+        users.push_str(&format!(
+            "  {{ name = \"{name}\", password_hash = \"{hash}\", roles = [\"{role}\"] }},\n"
+        ));
+    }
+    let sessions = dir.join("sessions.db");
+    let text = format!(
+        r#"
+[auth]
+issuer = "eventyr"
+roles = {{ customer = [{CUSTOMER}], admin = ["*"] }}
+
+[sessions]
+store = {{ sqlite = "{sessions}" }}
+access_secret = "{access}"
+refresh_secret = "{refresh}"
+users = [
+{users}]
+
+[[clusters]]
+name = "services"
+endpoints = [{{ url = "http://{internal}" }}]
+max_concurrent = 4096
+
+[[clusters]]
+name = "gateway-admin"
+endpoints = [{{ url = "http://{admin}" }}]
+
+{ROUTES}
+"#,
+        sessions = sessions.display(),
+        access = secrets.access_secret,
+        refresh = secrets.refresh_secret,
+    );
+    GatewayConfig::parse(&text).context("the gateway configuration of eventyr up")
+}
+
+/// What a customer may do.
+const CUSTOMER: &str = r#""orders:read", "orders:write", "inventory:read", "points:read", "payments:read", "shipments:read", "notifications:read""#;
+
+/// The public API of PLAN.md, route by route, with the permission each needs.
+const ROUTES: &str = r#"
+[[routes]]
+name = "login"
+path = { exact = "/auth/login" }
+methods = ["POST"]
+builtin = "login"
+
+[[routes]]
+name = "refresh"
+path = { exact = "/auth/refresh" }
+methods = ["POST"]
+builtin = "refresh"
+
+[[routes]]
+name = "logout"
+path = { exact = "/auth/logout" }
+methods = ["POST"]
+builtin = "logout"
+
+[[routes]]
+name = "order-details"
+path = { template = "/api/orders/{id}/details" }
+methods = ["GET"]
+permissions = ["orders:read", "payments:read", "shipments:read"]
+aggregate = [
+  { name = "order", cluster = "services", path = "/api/orders/{id}", timeout = "2s" },
+  { name = "payments", cluster = "services", path = "/api/payments?order_id={id}", timeout = "2s" },
+  { name = "shipments", cluster = "services", path = "/api/shipments?order_id={id}", timeout = "2s" },
+]
+
+[[routes]]
+name = "orders-write"
+path = { prefix = "/api/orders" }
+methods = ["POST"]
+permissions = ["orders:write"]
+cluster = "services"
+timeout = "10s"
+
+[[routes]]
+name = "orders-read"
+path = { prefix = "/api/orders" }
+methods = ["GET"]
+permissions = ["orders:read"]
+cluster = "services"
+
+[[routes]]
+name = "inventory-read"
+path = { prefix = "/api/inventory" }
+methods = ["GET"]
+permissions = ["inventory:read"]
+cluster = "services"
+
+[[routes]]
+name = "inventory-write"
+path = { prefix = "/api/inventory" }
+methods = ["PUT"]
+permissions = ["inventory:write"]
+cluster = "services"
+
+[[routes]]
+name = "points"
+path = { prefix = "/api/customers" }
+methods = ["GET"]
+permissions = ["points:read"]
+cluster = "services"
+
+[[routes]]
+name = "payments"
+path = { prefix = "/api/payments" }
+methods = ["GET"]
+permissions = ["payments:read"]
+cluster = "services"
+
+[[routes]]
+name = "shipments"
+path = { prefix = "/api/shipments" }
+methods = ["GET"]
+permissions = ["shipments:read"]
+cluster = "services"
+
+[[routes]]
+name = "notifications"
+path = { prefix = "/api/notifications" }
+methods = ["GET"]
+permissions = ["notifications:read"]
+cluster = "services"
+
+[[routes]]
+name = "gateway-routes"
+path = { exact = "/admin/routes" }
+methods = ["GET"]
+permissions = ["admin:gateway"]
+cluster = "gateway-admin"
+
+[[routes]]
+name = "gateway-clusters"
+path = { exact = "/admin/clusters" }
+methods = ["GET"]
+permissions = ["admin:gateway"]
+cluster = "gateway-admin"
+
+[[routes]]
+name = "gateway-ratelimits"
+path = { exact = "/admin/ratelimits" }
+methods = ["GET"]
+permissions = ["admin:gateway"]
+cluster = "gateway-admin"
+
+[[routes]]
+name = "admin"
+path = { prefix = "/admin" }
+permissions = ["admin:all"]
+cluster = "services"
+
+[[routes]]
+name = "probes"
+path = { prefix = "/health" }
+methods = ["GET"]
+cluster = "services"
+
+[[routes]]
+name = "metrics"
+path = { exact = "/metrics" }
+methods = ["GET"]
+cluster = "services"
+
+[[rate_limits]]
+name = "login-per-address"
+routes = ["login"]
+algorithm = "gcra"
+limit = 60
+period = "1m"
+burst = 20
+key = "client_ip"
+
+[[rate_limits]]
+name = "per-caller"
+routes = ["*"]
+algorithm = "gcra"
+limit = 5000
+period = "1s"
+burst = 10000
+key = "consumer"
+"#;
+
+/// Serves the gateway on `listen` in front of `internal` until `stop` rings; its
+/// address.
+pub async fn serve(
+    data_dir: &Path,
+    listen: SocketAddr,
+    internal: SocketAddr,
+    stop: watch::Receiver<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<SocketAddr> {
+    let dir = data_dir.join("gateway");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let admin_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("cannot listen on 127.0.0.1")?;
+    let config = config(&dir, internal, admin_listener.local_addr()?)?;
+    let gateway = Gateway::new(&config, None).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    let until = |mut stop: watch::Receiver<bool>| async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let admin = eventyr_gateway::admin::router(Arc::clone(&gateway))
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let admin_stop = until(stop.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(error) = axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(admin_stop)
+            .await
+        {
+            eprintln!("error: the gateway's admin API stopped: {error}");
+        }
+    }));
+    tasks.push(tokio::spawn(eventyr_gateway::proxy::serve_gateway(
+        listener,
+        gateway,
+        until(stop),
+        GRACE,
+    )));
+    Ok(address)
+}
