@@ -34,6 +34,9 @@ pub struct AuthConfig {
     pub leeway: Duration,
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
+    /// Key sets (JWKS) of identity providers, fetched again in the background.
+    #[serde(default)]
+    pub jwks: Vec<JwksConfig>,
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
     /// Role → permissions (`orders:read`, `orders:*`, `*`).
@@ -57,6 +60,24 @@ pub struct KeyConfig {
     pub secret: Option<String>,
     /// RS256 / ES256: the public key, PEM.
     pub public_key: Option<String>,
+}
+
+/// A JWKS: `url` (http://, fetched with the gateway's client) or `file`, read again
+/// every `refresh` (default 5 min) and at once (at most once a second) when a token
+/// names a key id no set has — a provider's new key is taken up without a restart.
+/// Only RSA (RS256) and P-256 (ES256) keys are taken; a key's `alg`, when given, must
+/// agree with its type; symmetric keys are never taken from a key set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksConfig {
+    pub url: Option<String>,
+    pub file: Option<std::path::PathBuf>,
+    #[serde(default = "five_minutes", with = "humantime_serde_lite")]
+    pub refresh: Duration,
+}
+
+fn five_minutes() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// An API key, stored as the hex SHA-256 of the key.
@@ -114,9 +135,72 @@ struct Key {
     session: bool,
 }
 
+/// The keys of one JWKS, as last fetched.
+pub struct JwksKeys {
+    pub config: JwksConfig,
+    keys: std::sync::RwLock<Arc<Vec<Key>>>,
+}
+
+impl JwksKeys {
+    /// Puts a fetched key set in force; the kids it holds.
+    pub fn install(&self, set: &jsonwebtoken::jwk::JwkSet) -> Vec<String> {
+        let keys = keys_of(set);
+        let kids = keys.iter().filter_map(|k| k.kid.clone()).collect();
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        kids
+    }
+
+    fn current(&self) -> Arc<Vec<Key>> {
+        Arc::clone(
+            &self
+                .keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// The usable keys of a set: RSA as RS256, P-256 as ES256, each only if its `alg` (if
+/// any) agrees.
+fn keys_of(set: &jsonwebtoken::jwk::JwkSet) -> Vec<Key> {
+    use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, KeyAlgorithm};
+    set.keys
+        .iter()
+        .filter_map(|jwk| {
+            let algorithm = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+                    Algorithm::ES256
+                }
+                _ => return None,
+            };
+            let stated = jwk.common.key_algorithm;
+            let agrees = match stated {
+                None => true,
+                Some(KeyAlgorithm::RS256) => algorithm == Algorithm::RS256,
+                Some(KeyAlgorithm::ES256) => algorithm == Algorithm::ES256,
+                Some(_) => false,
+            };
+            let key = DecodingKey::from_jwk(jwk).ok()?;
+            agrees.then(|| Key {
+                kid: jwk.common.key_id.clone(),
+                algorithm,
+                key,
+                session: false,
+            })
+        })
+        .collect()
+}
+
 /// The verifier of one configuration.
 pub struct Authenticator {
     keys: Vec<Key>,
+    jwks: Vec<JwksKeys>,
+    /// Rings when a token names a key id no key has (the JWKS may have rotated).
+    unknown_kid: tokio::sync::Notify,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
@@ -188,6 +272,30 @@ impl Authenticator {
                 session: false,
             });
         }
+        let mut jwks = Vec::new();
+        for (i, source) in config.jwks.iter().enumerate() {
+            let at = format!("auth.jwks[{i}]");
+            match (&source.url, &source.file) {
+                (Some(url), None) if crate::config::parse_url(url).is_none() => {
+                    return Err(format!("{at}.url: http://host:port/path"));
+                }
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => return Err(format!("{at}: a url or a file, one of them")),
+            }
+            if source.refresh < Duration::from_secs(1) {
+                return Err(format!("{at}.refresh: at least 1s"));
+            }
+            let keys = JwksKeys {
+                config: source.clone(),
+                keys: std::sync::RwLock::new(Arc::new(Vec::new())),
+            };
+            // A file is read now: a missing or broken one is a configuration error.
+            if let Some(file) = &source.file {
+                let set = read_jwks(file).map_err(|e| format!("{at}.file: {e}"))?;
+                keys.install(&set);
+            }
+            jwks.push(keys);
+        }
         let mut api_keys = Vec::new();
         for (i, api_key) in config.api_keys.iter().enumerate() {
             let digest = hex32(&api_key.sha256)
@@ -196,6 +304,8 @@ impl Authenticator {
         }
         Ok(Self {
             keys,
+            jwks,
+            unknown_kid: tokio::sync::Notify::new(),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             leeway: config.leeway,
@@ -208,11 +318,23 @@ impl Authenticator {
     pub fn verify_token(&self, token: &str) -> Result<Identity, Refused> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Refused(format!("malformed token: {e}")))?;
-        let candidates = self.keys.iter().filter(|k| match (&k.kid, &header.kid) {
-            (Some(ours), Some(theirs)) => ours == theirs,
-            // The session key only takes the tokens it issued (they name it).
-            _ => !k.session,
-        });
+        let fetched: Vec<Arc<Vec<Key>>> = self.jwks.iter().map(JwksKeys::current).collect();
+        let candidates: Vec<&Key> = self
+            .keys
+            .iter()
+            .chain(fetched.iter().flat_map(|keys| keys.iter()))
+            .filter(|k| match (&k.kid, &header.kid) {
+                (Some(ours), Some(theirs)) => ours == theirs,
+                // The session key only takes the tokens it issued (they name it).
+                _ => !k.session,
+            })
+            .collect();
+        if !self.jwks.is_empty()
+            && header.kid.is_some()
+            && !candidates.iter().any(|k| k.kid == header.kid)
+        {
+            self.unknown_kid.notify_one();
+        }
         let mut last = Refused("no key verifies this token".to_owned());
         for key in candidates {
             // The key's own algorithm, whatever the token says.
@@ -246,6 +368,16 @@ impl Authenticator {
             }
         }
         Err(last)
+    }
+
+    /// The JWKS sources, for the refresher.
+    pub fn jwks(&self) -> &[JwksKeys] {
+        &self.jwks
+    }
+
+    /// Completes when a token named a key id none of the keys has.
+    pub async fn unknown_kid(&self) {
+        self.unknown_kid.notified().await;
     }
 
     /// The identity of an API key.
@@ -286,6 +418,12 @@ impl Authenticator {
 }
 
 pub use crate::session::security_event;
+
+/// Reads a JWKS file.
+pub fn read_jwks(file: &std::path::Path) -> Result<jsonwebtoken::jwk::JwkSet, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: not a JWKS: {e}", file.display()))
+}
 
 fn hex32(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 {

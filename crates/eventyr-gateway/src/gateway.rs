@@ -163,8 +163,8 @@ impl Gateway {
         }
     }
 
-    /// Runs the active health checks of the configuration in force, restarting them
-    /// with each reload, until `shutdown`.
+    /// Runs the background work of the configuration in force — active health checks
+    /// and JWKS refreshes — restarting it with each reload, until `shutdown`.
     pub async fn health(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         let mut reloads = self.reloads();
         tokio::pin!(shutdown);
@@ -174,9 +174,14 @@ impl Gateway {
             let reloaded = async move {
                 let _ = next.changed().await;
             };
+            let reloaded = futures::FutureExt::shared(Box::pin(reloaded));
+            let work = futures::future::join(
+                crate::health::run(Arc::clone(&proxy), reloaded.clone()),
+                crate::jwks::run(proxy, reloaded),
+            );
             tokio::select! {
                 () = &mut shutdown => return,
-                () = crate::health::run(proxy, reloaded) => {}
+                _ = work => {}
             }
             let _ = reloads.borrow_and_update();
         }

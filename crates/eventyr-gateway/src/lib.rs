@@ -41,6 +41,7 @@ pub mod cache;
 pub mod config;
 pub mod gateway;
 pub mod health;
+pub mod jwks;
 pub mod proxy;
 pub mod ratelimit;
 pub mod resilience;

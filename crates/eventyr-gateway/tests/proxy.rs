@@ -14,7 +14,7 @@ use eventyr_gateway::proxy::{Proxy, serve};
 use serde_json::{Value, json};
 
 mod common;
-use common::{dead, futures_pending, origin, start, upstream};
+use common::{base64_url, dead, futures_pending, origin, start, upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_routes_rewrites_forwards_and_tries_another_endpoint() {
@@ -768,7 +768,7 @@ async fn callers_are_authenticated_and_authorized() {
             "alg none",
             format!(
                 "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
-                base64_url(&claims("alice", &["admin"], later).to_string())
+                base64_url(claims("alice", &["admin"], later).to_string())
             ),
         ),
     ];
@@ -788,19 +788,6 @@ async fn callers_are_authenticated_and_authorized() {
         Value::Null,
         "a spoofed X-User-ID is dropped"
     );
-}
-
-fn base64_url(text: &str) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let bytes = text.as_bytes();
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
 }
 
 /// Rate limits through the gateway: per tier for callers with API keys, per client

@@ -7,7 +7,6 @@
 //! each algorithm, and each failure policy while Redis is away.
 
 use std::path::Path;
-use std::time::Duration;
 
 use eventyr_gateway::config::GatewayConfig;
 use eventyr_gateway::session::hash_password;
@@ -16,7 +15,7 @@ use reqwest::Client;
 use serde_json::{Value, json};
 
 mod common;
-use common::{start, upstream};
+use common::{eventually, start, upstream};
 
 /// A gateway configuration with the session endpoints, a customer route and an admin
 /// route in front of `origin`; `store` is the `[sessions]` store, `extra` more TOML.
@@ -241,15 +240,6 @@ async fn sessions_log_in_rotate_detect_reuse_and_revoke() {
     );
     let (status, renewed) = refresh(&client, &restarted, &admin).await;
     assert_eq!(status, 200, "{renewed}");
-}
-
-/// Polls `check` until it holds (Redis coming back takes a reconnection).
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,3 +87,38 @@ pub async fn dead() -> String {
 pub fn futures_pending() -> impl Future<Output = ()> + Send {
     std::future::pending()
 }
+
+/// Runs a reloadable gateway of `config` with its background work (health checks,
+/// JWKS refreshes) on a loopback port until the test ends; its base URL.
+pub async fn start_gateway(
+    config: &GatewayConfig,
+) -> (String, Arc<eventyr_gateway::gateway::Gateway>) {
+    let gateway = eventyr_gateway::gateway::Gateway::new(config, None).expect("the gateway starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(Arc::clone(&gateway).health(futures_pending()));
+    tokio::spawn(eventyr_gateway::proxy::serve_gateway(
+        listener,
+        Arc::clone(&gateway),
+        futures_pending(),
+        Duration::from_secs(1),
+    ));
+    (url, gateway)
+}
+
+/// Polls `check` until it holds, for at most 20 s.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Unpadded base64url, as in JWTs.
+pub fn base64_url(bytes: impl AsRef<[u8]>) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
