@@ -142,6 +142,19 @@ pub struct ClusterConfig {
     /// Retries to this cluster, at most, over 10 s.
     #[serde(default)]
     pub retry_budget: BudgetConfig,
+    /// How the gateway speaks to the endpoints: `http1` (default, keep-alive) or
+    /// `http2` (h2c, prior knowledge: many requests over one connection).
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// An upstream's protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    Http2,
 }
 
 /// A route's CORS policy.

@@ -52,13 +52,24 @@ async fn watch(proxy: Arc<Proxy>, target: HealthTarget) {
 }
 
 async fn probe(proxy: &Proxy, target: &HealthTarget) -> bool {
+    let version = if target.http2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
     let Ok(request) = Request::get(&target.url)
+        .version(version)
         .header("user-agent", "eventyr-gateway-health")
         .body(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
     else {
         return false;
     };
-    match tokio::time::timeout(target.config.timeout, proxy.client().request(request)).await {
+    match tokio::time::timeout(
+        target.config.timeout,
+        proxy.client_for(target.http2).request(request),
+    )
+    .await
+    {
         Ok(Ok(response)) => {
             let status: StatusCode = response.status();
             // Read the body so that the connection goes back to the pool.

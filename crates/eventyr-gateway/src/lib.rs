@@ -18,7 +18,7 @@
 //! - [`stack`]: the middleware as tower layers, in one place, in the order:
 //!   request id → access log and metrics → body limit → route → CORS →
 //!   authentication → authorization → rate limit → cache → timeout → proxy.
-//! - [`proxy`]: the proxy on hyper (HTTP/1.1 with keep-alive to clients and
+//! - [`proxy`]: the proxy on hyper (HTTP/1.1 with keep-alive and h2c to clients and
 //!   upstreams, bodies streamed): endpoint, forwarded headers, request id, a
 //!   traceparent for the gateway's hop, retries (one more endpoint after a failed
 //!   connection; idempotent requests on configured conditions within the budget),
@@ -32,7 +32,7 @@
 //!   server-side revocation, kept in SQLite or Redis; [`shared`]: the Redis that
 //!   several gateways share (sessions, and rate-limit rules with `shared = true`).
 //!
-//! Next: JWKS, h2c and WebSocket upgrades, the gateway in front of `eventyr up`.
+//! - [`jwks`]: identity providers' key sets kept fresh in the background.
 
 pub mod admin;
 pub mod auth;

@@ -71,6 +71,8 @@ struct Cluster {
     breaker: Breaker,
     bulkhead: Arc<tokio::sync::Semaphore>,
     budget: RetryBudget,
+    /// h2c to the endpoints.
+    http2: bool,
 }
 
 /// An endpoint the active health checks watch.
@@ -81,6 +83,8 @@ pub struct HealthTarget {
     /// `http://host:port/base/path`.
     pub url: String,
     pub config: HealthConfig,
+    /// The endpoint speaks h2c.
+    pub http2: bool,
 }
 
 /// The running proxy of one configuration.
@@ -96,6 +100,8 @@ pub struct Proxy {
     limits: LimitsConfig,
     clusters: HashMap<String, Cluster>,
     client: Client<HttpConnector, Body>,
+    /// For clusters with `protocol = "http2"`.
+    h2_client: Client<HttpConnector, Body>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -137,6 +143,7 @@ impl Proxy {
                         .as_deref()
                         .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
                     hash_client_ip: c.balance == BalanceKind::HashClientIp,
+                    http2: c.protocol == crate::config::Protocol::Http2,
                 };
                 (c.name.clone(), cluster)
             })
@@ -146,6 +153,12 @@ impl Proxy {
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector.clone());
+        let h2_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
             .build(connector);
         let mut rules: Vec<Rule> = config
             .rate_limits
@@ -187,6 +200,7 @@ impl Proxy {
             limits: config.limits.clone(),
             clusters,
             client,
+            h2_client,
         })
     }
 
@@ -203,6 +217,7 @@ impl Proxy {
                     endpoint: i,
                     url: format!("http://{authority}{base}{}", config.path),
                     config: config.clone(),
+                    http2: cluster.http2,
                 });
             }
         }
@@ -233,9 +248,14 @@ impl Proxy {
         self.clusters.get(cluster).map(|c| &c.balancer)
     }
 
-    /// The upstream client (the health checks use it too).
+    /// The HTTP/1.1 client (JWKS fetches use it too).
     pub fn client(&self) -> &Client<HttpConnector, Body> {
         &self.client
+    }
+
+    /// The client for endpoints that speak h2c (`http2`) or HTTP/1.1.
+    pub fn client_for(&self, http2: bool) -> &Client<HttpConnector, Body> {
+        if http2 { &self.h2_client } else { &self.client }
     }
 
     /// An aggregation route: every call at once, each within its timeout and all
@@ -306,11 +326,15 @@ impl Proxy {
             .map_err(|e| format!("{e}"))?;
         let mut request = Request::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
         *request.uri_mut() = uri;
+        if cluster.http2 {
+            *request.version_mut() = http::Version::HTTP_2;
+        }
         *request.headers_mut() = headers;
         request.headers_mut().remove(header::CONTENT_LENGTH);
         let timeout = call.timeout.unwrap_or(Duration::from_secs(1));
         let in_flight = cluster.balancer.start(i);
-        let response = match tokio::time::timeout(timeout, self.client.request(request)).await {
+        let client = self.client_for(cluster.http2);
+        let response = match tokio::time::timeout(timeout, client.request(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 cluster.balancer.report(i, false);
@@ -459,7 +483,19 @@ impl Proxy {
                 Some(query) => format!("{upstream_path}?{query}"),
                 None => upstream_path,
             };
-            let headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
+            let mut headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
+            // A WebSocket handshake keeps its Upgrade (hop-by-hop, so put back); the
+            // client's end of the connection is taken over once the upstream agrees.
+            let websocket = websocket_upgrade(&parts.headers);
+            let client_upgrade = match &websocket {
+                Some(protocol) => {
+                    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    headers.insert(header::UPGRADE, protocol.clone());
+                    parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+                }
+                None => None,
+            };
+            let mut client_upgrade = client_upgrade;
 
             // A small body is kept, so that a failed connection can be tried elsewhere.
             let length = body_length(&parts.headers);
@@ -539,8 +575,15 @@ impl Proxy {
                 *upstream.method_mut() = parts.method.clone();
                 *upstream.uri_mut() = uri;
                 *upstream.headers_mut() = headers.clone();
+                if cluster.http2 {
+                    *upstream.version_mut() = http::Version::HTTP_2;
+                }
                 let in_flight = cluster.balancer.start(i);
-                let answer = tokio::time::timeout(per_try, self.client.request(upstream)).await;
+                let answer = tokio::time::timeout(
+                    per_try,
+                    self.client_for(cluster.http2).request(upstream),
+                )
+                .await;
                 if !matches!(answer, Ok(Ok(_))) {
                     // No answer (no connection, a timeout): a failure for outlier ejection.
                     cluster.balancer.report(i, false);
@@ -560,8 +603,15 @@ impl Proxy {
                             tracing::debug!(endpoint = %authority, %status, attempt, "retrying");
                             continue;
                         }
+                        if status == StatusCode::SWITCHING_PROTOCOLS
+                            && let (Some(protocol), Some(client_side)) =
+                                (&websocket, client_upgrade.take())
+                        {
+                            return tunnel(response, client_side, protocol.clone());
+                        }
                         let (mut parts, body) = response.into_parts();
                         strip_hop_by_hop(&mut parts.headers);
+                        parts.version = http::Version::HTTP_11;
                         return Response::from_parts(parts, body.map_err(BodyError::from).boxed());
                     }
                     Ok(Err(e)) if e.is_connect() => {
@@ -603,6 +653,55 @@ impl Proxy {
             .set(open);
         response
     }
+}
+
+/// The protocol of a WebSocket handshake (`Connection: upgrade`, `Upgrade:
+/// websocket`); other upgrades (h2c among them) are not passed through.
+fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let protocol = headers.get(header::UPGRADE)?;
+    (upgrade && protocol.to_str().ok()?.eq_ignore_ascii_case("websocket")).then(|| protocol.clone())
+}
+
+/// Answers a WebSocket handshake the upstream accepted (101) and joins the two
+/// connections once both sides have switched: bytes flow both ways until either side
+/// closes.
+fn tunnel(
+    mut upstream: Response<Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+    protocol: HeaderValue,
+) -> Response<Body> {
+    let upstream_side = hyper::upgrade::on(&mut upstream);
+    tokio::spawn(async move {
+        let (client, upstream) = match futures::future::try_join(client, upstream_side).await {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "a WebSocket upgrade did not complete");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "a WebSocket tunnel ended with an error");
+        }
+    });
+    let (mut parts, _) = upstream.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts.headers.insert(header::UPGRADE, protocol);
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(
+        parts,
+        Full::new(Bytes::new()).map_err(|e| match e {}).boxed(),
+    )
 }
 
 /// The request's body length if it is known: 0 without a body, the Content-Length,
@@ -742,12 +841,22 @@ pub async fn serve_gateway(
                     request.extensions_mut().insert(ClientAddr(peer));
                     tower::ServiceExt::oneshot(gateway.stack(), request)
                 });
-                let connection = hyper::server::conn::http1::Builder::new()
+                // HTTP/1.1 (with upgrades) or h2c with prior knowledge, by the
+                // connection's first bytes.
+                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
                     .keep_alive(true)
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
-                    .max_buf_size(limits.max_header_bytes)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    .max_buf_size(limits.max_header_bytes);
+                builder
+                    .http2()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+                let connection = builder
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                    .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
