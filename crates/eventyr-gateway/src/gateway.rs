@@ -96,6 +96,16 @@ impl Gateway {
     /// Reads the file again and, if it is valid, puts it in force. Errors: no file, it
     /// cannot be read, or it is invalid (the message names the key).
     pub fn reload(&self) -> Result<(), String> {
+        let outcome = self.try_reload();
+        metrics::counter!(
+            eventyr_telemetry::names::GATEWAY_CONFIG_RELOADS_TOTAL,
+            eventyr_telemetry::names::LABEL_OUTCOME => if outcome.is_ok() { "applied" } else { "refused" }
+        )
+        .increment(1);
+        outcome
+    }
+
+    fn try_reload(&self) -> Result<(), String> {
         let file = self
             .file
             .as_ref()

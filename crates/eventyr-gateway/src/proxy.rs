@@ -73,6 +73,37 @@ struct Cluster {
     budget: RetryBudget,
     /// h2c to the endpoints.
     http2: bool,
+    name: String,
+}
+
+impl Cluster {
+    /// Records an endpoint's answer for outlier ejection (counting ejections).
+    fn report(&self, i: usize, ok: bool) {
+        if self.balancer.report(i, ok).is_some() {
+            metrics::counter!(names::GATEWAY_EJECTIONS_TOTAL, names::LABEL_CLUSTER => self.name.clone())
+                .increment(1);
+        }
+    }
+
+    /// Records how long one attempt took and how it ended.
+    fn observe(&self, started: std::time::Instant, status: &'static str) {
+        metrics::histogram!(
+            names::HTTP_CLIENT_REQUEST_DURATION_SECONDS,
+            names::LABEL_CLUSTER => self.name.clone(),
+            names::LABEL_STATUS => status
+        )
+        .record(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a retry for `reason`.
+    fn retried(&self, reason: &'static str) {
+        metrics::counter!(
+            names::GATEWAY_RETRIES_TOTAL,
+            names::LABEL_CLUSTER => self.name.clone(),
+            names::LABEL_REASON => reason
+        )
+        .increment(1);
+    }
 }
 
 /// An endpoint the active health checks watch.
@@ -134,7 +165,7 @@ impl Proxy {
                 let cluster = Cluster {
                     balancer: Balancer::new(c.balance, &weighted).with_outlier(c.outlier.clone()),
                     health: c.health.clone(),
-                    breaker: Breaker::new(c.circuit_breaker.clone()),
+                    breaker: Breaker::named(c.circuit_breaker.clone(), &c.name),
                     bulkhead: Arc::new(tokio::sync::Semaphore::new(c.max_concurrent as usize)),
                     budget: RetryBudget::new(c.retry_budget.clone()),
                     endpoints,
@@ -144,6 +175,7 @@ impl Proxy {
                         .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
                     hash_client_ip: c.balance == BalanceKind::HashClientIp,
                     http2: c.protocol == crate::config::Protocol::Http2,
+                    name: c.name.clone(),
                 };
                 (c.name.clone(), cluster)
             })
@@ -226,8 +258,16 @@ impl Proxy {
 
     /// Sets an endpoint's health (the active checks' verdict).
     pub fn set_healthy(&self, cluster: &str, endpoint: usize, healthy: bool) {
-        if let Some(cluster) = self.clusters.get(cluster) {
-            cluster.balancer.set_healthy(endpoint, healthy);
+        if let Some(found) = self.clusters.get(cluster) {
+            found.balancer.set_healthy(endpoint, healthy);
+            if let Some((authority, _)) = found.endpoints.get(endpoint) {
+                metrics::gauge!(
+                    names::GATEWAY_ENDPOINT_HEALTHY,
+                    names::LABEL_CLUSTER => cluster.to_owned(),
+                    names::LABEL_ENDPOINT => authority.clone()
+                )
+                .set(if healthy { 1.0 } else { 0.0 });
+            }
         }
     }
 
@@ -337,11 +377,11 @@ impl Proxy {
         let response = match tokio::time::timeout(timeout, client.request(request)).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
-                cluster.balancer.report(i, false);
+                cluster.report(i, false);
                 return Err(e.to_string());
             }
             Err(_) => {
-                cluster.balancer.report(i, false);
+                cluster.report(i, false);
                 return Err(format!("no answer within {timeout:?}"));
             }
         };
@@ -349,7 +389,7 @@ impl Proxy {
             in_flight.finish();
         }
         let status = response.status();
-        cluster.balancer.report(i, !status.is_server_error());
+        cluster.report(i, !status.is_server_error());
         let body = tokio::time::timeout(timeout, response.into_body().collect())
             .await
             .map_err(|_| format!("the answer did not finish within {timeout:?}"))?
@@ -525,11 +565,28 @@ impl Proxy {
             // A retry of a request the upstream may have acted on: idempotent methods,
             // the route's conditions and attempts, the cluster's budget.
             let may_retry = |attempt: u32, on: RetryOn| {
-                retryable
+                let wanted = retryable
                     && idempotent
                     && attempt < policy.attempts
-                    && policy.on.contains(&on)
-                    && cluster.budget.withdraw()
+                    && policy.on.contains(&on);
+                if !wanted {
+                    return false;
+                }
+                if !cluster.budget.withdraw() {
+                    metrics::counter!(
+                        names::GATEWAY_RETRY_BUDGET_EXHAUSTED_TOTAL,
+                        names::LABEL_CLUSTER => cluster.name.clone()
+                    )
+                    .increment(1);
+                    return false;
+                }
+                cluster.retried(match on {
+                    RetryOn::ConnectFailure => "connect_failure",
+                    RetryOn::GatewayError => "gateway_error",
+                    RetryOn::ServerError => "5xx",
+                    RetryOn::Timeout => "timeout",
+                });
+                true
             };
             let mut tried = Vec::new();
             let mut attempt = 0;
@@ -579,14 +636,23 @@ impl Proxy {
                     *upstream.version_mut() = http::Version::HTTP_2;
                 }
                 let in_flight = cluster.balancer.start(i);
+                let sent = std::time::Instant::now();
                 let answer = tokio::time::timeout(
                     per_try,
                     self.client_for(cluster.http2).request(upstream),
                 )
                 .await;
+                cluster.observe(
+                    sent,
+                    match &answer {
+                        Ok(Ok(response)) => crate::stack::status_label(response.status()),
+                        Ok(Err(_)) => "error",
+                        Err(_) => "timeout",
+                    },
+                );
                 if !matches!(answer, Ok(Ok(_))) {
                     // No answer (no connection, a timeout): a failure for outlier ejection.
-                    cluster.balancer.report(i, false);
+                    cluster.report(i, false);
                 }
                 match answer {
                     Ok(Ok(response)) => {
@@ -594,7 +660,7 @@ impl Proxy {
                             in_flight.finish();
                         }
                         let status = response.status();
-                        cluster.balancer.report(i, !status.is_server_error());
+                        cluster.report(i, !status.is_server_error());
                         let gateway_error = matches!(status.as_u16(), 502..=504);
                         let again = status.is_server_error()
                             && (may_retry(attempt, RetryOn::ServerError)
@@ -617,8 +683,11 @@ impl Proxy {
                     Ok(Err(e)) if e.is_connect() => {
                         // Nothing reached the endpoint: another one may take it once,
                         // whatever the method; more under the route's policy.
-                        let again = retryable
-                            && (attempt == 1 || may_retry(attempt, RetryOn::ConnectFailure));
+                        let first = retryable && attempt == 1;
+                        if first {
+                            cluster.retried("connect_failure");
+                        }
+                        let again = first || may_retry(attempt, RetryOn::ConnectFailure);
                         if !again {
                             return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string());
                         }
@@ -641,16 +710,9 @@ impl Proxy {
             }
         }
         .await;
-        let state = cluster
+        cluster
             .breaker
             .record(admitted, !response.status().is_server_error());
-        let open = match state {
-            BreakerState::Closed => 0.0,
-            BreakerState::HalfOpen => 0.5,
-            BreakerState::Open => 1.0,
-        };
-        metrics::gauge!(names::GATEWAY_CIRCUIT_OPEN, names::LABEL_CLUSTER => routed.cluster.clone())
-            .set(open);
         response
     }
 }

@@ -97,6 +97,8 @@ struct Inner {
 pub struct Breaker {
     config: BreakerConfig,
     inner: Mutex<Inner>,
+    /// The cluster it guards, for its metrics.
+    cluster: String,
 }
 
 /// Permission to send a request; report its outcome with [`Breaker::record`].
@@ -107,8 +109,14 @@ pub struct Admitted {
 
 impl Breaker {
     pub fn new(config: BreakerConfig) -> Self {
+        Self::named(config, "")
+    }
+
+    /// A breaker whose transitions are counted (and its state shown) under `cluster`.
+    pub fn named(config: BreakerConfig, cluster: &str) -> Self {
         let now = Instant::now();
         Self {
+            cluster: cluster.to_owned(),
             config,
             inner: Mutex::new(Inner {
                 state: BreakerState::Closed,
@@ -137,7 +145,7 @@ impl Breaker {
         if inner.state == BreakerState::Open
             && now.duration_since(inner.opened_at) >= self.config.open_for
         {
-            inner.state = BreakerState::HalfOpen;
+            self.enter(inner, BreakerState::HalfOpen);
             inner.probes_out = 0;
             inner.probes_ok = 0;
         }
@@ -170,7 +178,7 @@ impl Breaker {
                 } else {
                     inner.probes_ok += 1;
                     if inner.probes_ok >= self.config.probes.max(1) {
-                        inner.state = BreakerState::Closed;
+                        self.enter(&mut inner, BreakerState::Closed);
                         inner.buckets.clear();
                     }
                 }
@@ -202,8 +210,37 @@ impl Breaker {
         inner.state
     }
 
+    /// Moves to `state`, counting the transition and showing the state
+    /// (`eventyr_gateway_circuit_open`: 0 closed, 0.5 half-open, 1 open).
+    fn enter(&self, inner: &mut Inner, state: BreakerState) {
+        use eventyr_telemetry::names;
+        inner.state = state;
+        if self.cluster.is_empty() {
+            return;
+        }
+        let (name, open) = match state {
+            BreakerState::Closed => ("closed", 0.0),
+            BreakerState::HalfOpen => ("half_open", 0.5),
+            BreakerState::Open => ("open", 1.0),
+        };
+        metrics::counter!(
+            names::GATEWAY_CIRCUIT_TRANSITIONS_TOTAL,
+            names::LABEL_CLUSTER => self.cluster.clone(),
+            names::LABEL_STATE => name
+        )
+        .increment(1);
+        metrics::gauge!(names::GATEWAY_CIRCUIT_OPEN, names::LABEL_CLUSTER => self.cluster.clone())
+            .set(open);
+        match state {
+            BreakerState::Open => {
+                tracing::warn!(cluster = %self.cluster, "circuit breaker open: the cluster's upstreams keep failing");
+            }
+            _ => tracing::info!(cluster = %self.cluster, state = name, "circuit breaker"),
+        }
+    }
+
     fn open(&self, inner: &mut Inner, now: Instant) {
-        inner.state = BreakerState::Open;
+        self.enter(inner, BreakerState::Open);
         inner.opened_at = now;
         inner.buckets.clear();
     }

@@ -246,28 +246,23 @@ async fn access_log(request: Request<Incoming>, next: Next) -> Response<Body> {
         .map(str::to_owned)
         .unwrap_or_default();
     let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
+    let active = metrics::gauge!(names::HTTP_SERVER_ACTIVE_REQUESTS);
+    active.increment(1.0);
     let response = next.run(request).await;
+    active.decrement(1.0);
     let elapsed = started.elapsed();
     let route = response
         .extensions()
         .get::<RouteName>()
         .map_or_else(|| Arc::from("none"), |r| Arc::clone(&r.0));
     let status = response.status();
-    let class = match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    metrics::counter!(
-        names::GATEWAY_REQUESTS_TOTAL,
+    metrics::histogram!(
+        names::HTTP_SERVER_REQUEST_DURATION_SECONDS,
+        names::LABEL_METHOD => method_label(&method),
         names::LABEL_ROUTE => route.to_string(),
-        names::LABEL_STATUS_CLASS => class
+        names::LABEL_STATUS => status_label(status)
     )
-    .increment(1);
-    metrics::histogram!(names::GATEWAY_REQUEST_DURATION_SECONDS, names::LABEL_ROUTE => route.to_string())
-        .record(elapsed.as_secs_f64());
+    .record(elapsed.as_secs_f64());
     tracing::info!(
         target: "eventyr_gateway::access",
         request_id = %id,
@@ -280,6 +275,32 @@ async fn access_log(request: Request<Incoming>, next: Next) -> Response<Body> {
         "request"
     );
     response
+}
+
+/// A method as a label: the standard ones, else `_OTHER` (OpenTelemetry's rule), so
+/// that clients cannot make up label values.
+fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
+/// A status code as a label (at most the 500 codes there are), without allocating.
+pub fn status_label(status: StatusCode) -> &'static str {
+    static CODES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let codes = CODES.get_or_init(|| (100..600).map(|c: u16| c.to_string()).collect());
+    codes
+        .get(usize::from(status.as_u16()).saturating_sub(100))
+        .map_or("other", String::as_str)
 }
 
 /// A declared body above the limit is refused at once (413 `payload_too_large`); an
@@ -768,6 +789,16 @@ async fn cache(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Res
         return next.run(request).await;
     }
     let mark = |mut response: Response<Body>, state: &'static str| {
+        metrics::counter!(
+            names::GATEWAY_CACHE_TOTAL,
+            names::LABEL_ROUTE => route.to_string(),
+            names::LABEL_RESULT => match state {
+                "HIT" => "hit",
+                "MISS" => "miss",
+                _ => "bypass",
+            }
+        )
+        .increment(1);
         response
             .headers_mut()
             .insert("x-cache", HeaderValue::from_static(state));

@@ -51,10 +51,40 @@ pub const LABEL_FLOW: &str = "flow";
 pub const SAGA_CIRCUIT_OPEN: &str = "eventyr_saga_circuit_open";
 /// Step calls refused by a full bulkhead, by step.
 pub const SAGA_BULKHEAD_REJECTED_TOTAL: &str = "eventyr_saga_bulkhead_rejected_total";
-/// Requests the gateway answered, by route (`none` without one) and status class (2xx…).
-pub const GATEWAY_REQUESTS_TOTAL: &str = "eventyr_gateway_requests_total";
-/// How long the gateway took to answer, by route: seconds.
-pub const GATEWAY_REQUEST_DURATION_SECONDS: &str = "eventyr_gateway_request_duration_seconds";
+/// How long the gateway took to answer (OpenTelemetry's `http.server.request.duration`),
+/// seconds, by method (`_OTHER` beyond the standard ones), route (its configured name,
+/// `none` without one) and status code.
+pub const HTTP_SERVER_REQUEST_DURATION_SECONDS: &str = "http_server_request_duration_seconds";
+/// Requests under way in the gateway.
+pub const HTTP_SERVER_ACTIVE_REQUESTS: &str = "http_server_active_requests";
+/// How long an upstream took to answer one attempt, seconds, by cluster and status
+/// code (`error` without an answer, `timeout`).
+pub const HTTP_CLIENT_REQUEST_DURATION_SECONDS: &str = "http_client_request_duration_seconds";
+/// Attempts the gateway made again, by cluster and reason (`connect_failure`,
+/// `gateway_error`, `5xx`, `timeout`).
+pub const GATEWAY_RETRIES_TOTAL: &str = "eventyr_gateway_retries_total";
+/// Retries the retry budget refused, by cluster.
+pub const GATEWAY_RETRY_BUDGET_EXHAUSTED_TOTAL: &str =
+    "eventyr_gateway_retry_budget_exhausted_total";
+/// Circuit-breaker transitions, by cluster and the state entered.
+pub const GATEWAY_CIRCUIT_TRANSITIONS_TOTAL: &str = "eventyr_gateway_circuit_transitions_total";
+/// 1 while an endpoint passes its active health checks, 0 while not, by cluster and
+/// endpoint (`host:port`, from the configuration: bounded).
+pub const GATEWAY_ENDPOINT_HEALTHY: &str = "eventyr_gateway_endpoint_healthy";
+/// Endpoints ejected by passive outlier detection, by cluster.
+pub const GATEWAY_EJECTIONS_TOTAL: &str = "eventyr_gateway_ejections_total";
+/// Response-cache lookups, by route and result (`hit`, `miss`, `bypass`).
+pub const GATEWAY_CACHE_TOTAL: &str = "eventyr_gateway_cache_total";
+/// Configuration reloads, by outcome (`applied`, `refused`).
+pub const GATEWAY_CONFIG_RELOADS_TOTAL: &str = "eventyr_gateway_config_reloads_total";
+/// Label: an HTTP method.
+pub const LABEL_METHOD: &str = "method";
+/// Label: a gateway endpoint's `host:port`.
+pub const LABEL_ENDPOINT: &str = "endpoint";
+/// Label: a state entered.
+pub const LABEL_STATE: &str = "state";
+/// Label: what a lookup found.
+pub const LABEL_RESULT: &str = "result";
 /// 1 while a gateway cluster's circuit breaker is open (0.5 half-open), by cluster.
 pub const GATEWAY_CIRCUIT_OPEN: &str = "eventyr_gateway_circuit_open";
 /// Requests the gateway shed before any upstream saw them, by cluster and reason
@@ -62,7 +92,8 @@ pub const GATEWAY_CIRCUIT_OPEN: &str = "eventyr_gateway_circuit_open";
 pub const GATEWAY_SHED_TOTAL: &str = "eventyr_gateway_shed_total";
 /// Credentials the gateway refused (security events), by reason.
 pub const GATEWAY_AUTH_FAILURES_TOTAL: &str = "eventyr_gateway_auth_failures_total";
-/// Rate-limit decisions, by rule and decision (`allowed`, `limited`, `shadow_limited`).
+/// Rate-limit decisions, by rule and decision (`allowed`, `limited`, `shadow_limited`,
+/// `backend_error`).
 pub const GATEWAY_RATELIMIT_DECISIONS_TOTAL: &str = "eventyr_gateway_ratelimit_decisions_total";
 /// Label: a rate-limit rule's name (from the configuration: bounded).
 pub const LABEL_RULE: &str = "rule";
@@ -74,8 +105,6 @@ pub const LABEL_CLUSTER: &str = "cluster";
 pub const LABEL_REASON: &str = "reason";
 /// Label: a gateway route's name (from its configuration: bounded).
 pub const LABEL_ROUTE: &str = "route";
-/// Label: an HTTP status class, `2xx` to `5xx`.
-pub const LABEL_STATUS_CLASS: &str = "status_class";
 /// Timers armed and not yet rung (deadlines and retries).
 pub const SAGA_TIMERS_PENDING: &str = "eventyr_saga_timers_pending";
 
@@ -264,13 +293,46 @@ pub fn describe() {
         GATEWAY_SHED_TOTAL,
         "Requests shed by the gateway before reaching an upstream, by cluster and reason."
     );
-    describe_counter!(
-        GATEWAY_REQUESTS_TOTAL,
-        "Requests the gateway answered, by route and status class."
+    describe_histogram!(
+        HTTP_SERVER_REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "How long the gateway took to answer, by method, route and status code."
+    );
+    describe_gauge!(
+        HTTP_SERVER_ACTIVE_REQUESTS,
+        "Requests under way in the gateway."
     );
     describe_histogram!(
-        GATEWAY_REQUEST_DURATION_SECONDS,
+        HTTP_CLIENT_REQUEST_DURATION_SECONDS,
         Unit::Seconds,
-        "How long the gateway took to answer a request, by route."
+        "How long one upstream attempt took, by cluster and status code (error, timeout)."
+    );
+    describe_counter!(
+        GATEWAY_RETRIES_TOTAL,
+        "Upstream attempts made again, by cluster and reason."
+    );
+    describe_counter!(
+        GATEWAY_RETRY_BUDGET_EXHAUSTED_TOTAL,
+        "Retries the cluster's retry budget refused, by cluster."
+    );
+    describe_counter!(
+        GATEWAY_CIRCUIT_TRANSITIONS_TOTAL,
+        "Circuit-breaker transitions, by cluster and the state entered."
+    );
+    describe_gauge!(
+        GATEWAY_ENDPOINT_HEALTHY,
+        "1 while an endpoint passes its active health checks, by cluster and endpoint."
+    );
+    describe_counter!(
+        GATEWAY_EJECTIONS_TOTAL,
+        "Endpoints ejected as outliers, by cluster."
+    );
+    describe_counter!(
+        GATEWAY_CACHE_TOTAL,
+        "Response-cache lookups, by route and result."
+    );
+    describe_counter!(
+        GATEWAY_CONFIG_RELOADS_TOTAL,
+        "Configuration reloads, by outcome."
     );
 }

@@ -80,7 +80,11 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
             .await
             .with_context(|| format!("cannot listen on {admin}"))?;
         println!("admin API on http://{}", admin_listener.local_addr()?);
-        let router = eventyr_gateway::admin::router(Arc::clone(&gateway));
+        // The admin port also answers the probes and /metrics (Prometheus).
+        let metrics = eventyr_telemetry::install_prometheus().ok();
+        let ready: eventyr_http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+        let router = eventyr_gateway::admin::router(Arc::clone(&gateway))
+            .merge(eventyr_http::probes(ready, metrics));
         let stop = until_stopped(stopped.clone());
         tasks.push(tokio::spawn(async move {
             let service = router.into_make_service_with_connect_info::<SocketAddr>();

@@ -463,7 +463,7 @@ fn the_gateway_runs_on_its_own_reloads_and_refuses_a_bad_configuration() {
         ),
     )
     .expect("write");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while get("/extra").0 != 502 {
         assert!(std::time::Instant::now() < deadline, "never reloaded");
         std::thread::sleep(Duration::from_millis(100));
@@ -482,8 +482,46 @@ fn the_gateway_runs_on_its_own_reloads_and_refuses_a_bad_configuration() {
             .is_some_and(|m| m.contains("routes[1].cluster")),
         "{body}"
     );
-    std::thread::sleep(Duration::from_millis(1_500));
+    // Once the file watcher has refused it too (its metric says so), the old
+    // configuration is still the one in force.
+    let refusals = || {
+        let text = runtime.block_on(async {
+            reqwest::get(format!("{admin}/metrics"))
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text")
+        });
+        text.lines()
+            .find(|l| l.starts_with("eventyr_gateway_config_reloads_total{outcome=\"refused\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    while refusals() < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watcher never saw the file"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(get("/extra").0, 502, "the old configuration stays");
+    let metrics = runtime.block_on(async {
+        reqwest::get(format!("{admin}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    });
+    for name in [
+        "http_server_request_duration_seconds_bucket{method=\"GET\",route=\"extra\",status=\"502\"",
+        "http_client_request_duration_seconds_bucket{cluster=\"shop\",status=\"error\"",
+        "eventyr_gateway_config_reloads_total{outcome=\"applied\"} 1",
+    ] {
+        assert!(metrics.contains(name), "{name} in:\n{metrics}");
+    }
     gateway.kill().expect("stop");
     gateway.wait().expect("reaped");
 
