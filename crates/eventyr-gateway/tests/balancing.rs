@@ -183,7 +183,7 @@ async fn reloads_under_load_fail_no_request() {
         }
     }
     assert!(
-        seen.get("a").is_some() && seen.get("b").is_some(),
+        seen.contains_key("a") && seen.contains_key("b"),
         "{seen:?}"
     );
 }
