@@ -125,6 +125,7 @@ struct Claims {
     tier: Option<String>,
     #[serde(default)]
     sid: Option<String>,
+    exp: u64,
 }
 
 struct Key {
@@ -139,6 +140,8 @@ struct Key {
 pub struct JwksKeys {
     pub config: JwksConfig,
     keys: std::sync::RwLock<Arc<Vec<Key>>>,
+    /// Bumped by each install (tokens verified with older keys are checked again).
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl JwksKeys {
@@ -150,6 +153,8 @@ impl JwksKeys {
             .keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         kids
     }
 
@@ -201,6 +206,10 @@ pub struct Authenticator {
     jwks: Vec<JwksKeys>,
     /// Rings when a token names a key id no key has (the JWKS may have rotated).
     unknown_kid: tokio::sync::Notify,
+    /// Tokens verified lately: the same token again costs a lookup, not a signature
+    /// check and a JSON parse. An entry holds until the token expires or the key sets
+    /// change.
+    verified: std::sync::Mutex<lru::LruCache<String, Verified>>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
@@ -288,6 +297,7 @@ impl Authenticator {
             let keys = JwksKeys {
                 config: source.clone(),
                 keys: std::sync::RwLock::new(Arc::new(Vec::new())),
+                version: std::sync::atomic::AtomicU64::new(0),
             };
             // A file is read now: a missing or broken one is a configuration error.
             if let Some(file) = &source.file {
@@ -306,6 +316,7 @@ impl Authenticator {
             keys,
             jwks,
             unknown_kid: tokio::sync::Notify::new(),
+            verified: std::sync::Mutex::new(lru::LruCache::new(VERIFIED_TOKENS)),
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             leeway: config.leeway,
@@ -315,7 +326,46 @@ impl Authenticator {
     }
 
     /// The identity of a bearer token.
-    pub fn verify_token(&self, token: &str) -> Result<Identity, Refused> {
+    pub fn verify_token(&self, token: &str) -> Result<Arc<Identity>, Refused> {
+        let now = unix_now();
+        let keys_version = self.keys_version();
+        {
+            let mut verified = self
+                .verified
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(hit) = verified.get(token) {
+                if hit.keys_version == keys_version && now < hit.expires {
+                    return Ok(Arc::clone(&hit.identity));
+                }
+                verified.pop(token);
+            }
+        }
+        let (identity, exp) = self.verify_signed(token)?;
+        let identity = Arc::new(identity);
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .put(
+                token.to_owned(),
+                Verified {
+                    identity: Arc::clone(&identity),
+                    expires: exp.saturating_add(self.leeway.as_secs()),
+                    keys_version,
+                },
+            );
+        Ok(identity)
+    }
+
+    fn keys_version(&self) -> u64 {
+        self.jwks
+            .iter()
+            .map(|k| k.version.load(std::sync::atomic::Ordering::Acquire))
+            .sum()
+    }
+
+    /// Checks a token's signature and claims; its identity and `exp`.
+    fn verify_signed(&self, token: &str) -> Result<(Identity, u64), Refused> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Refused(format!("malformed token: {e}")))?;
         let fetched: Vec<Arc<Vec<Key>>> = self.jwks.iter().map(JwksKeys::current).collect();
@@ -356,13 +406,16 @@ impl Authenticator {
                     if key.session && claims.sid.is_none() {
                         return Err(Refused("a session token without its session".to_owned()));
                     }
-                    return Ok(Identity {
-                        user_id: claims.sub,
-                        roles: claims.roles,
-                        tier: claims.tier.unwrap_or_else(free),
-                        method: "jwt",
-                        session: claims.sid.filter(|_| key.session),
-                    });
+                    return Ok((
+                        Identity {
+                            user_id: claims.sub,
+                            roles: claims.roles,
+                            tier: claims.tier.unwrap_or_else(free),
+                            method: "jwt",
+                            session: claims.sid.filter(|_| key.session),
+                        },
+                        claims.exp,
+                    ));
                 }
                 Err(e) => last = Refused(e.to_string()),
             }
@@ -381,7 +434,7 @@ impl Authenticator {
     }
 
     /// The identity of an API key.
-    pub fn verify_api_key(&self, key: &str) -> Result<Identity, Refused> {
+    pub fn verify_api_key(&self, key: &str) -> Result<Arc<Identity>, Refused> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         // Every stored key is compared, in constant time: no early exit to time.
         let mut found = None;
@@ -391,13 +444,13 @@ impl Authenticator {
             }
         }
         let config = found.ok_or_else(|| Refused("unknown API key".to_owned()))?;
-        Ok(Identity {
+        Ok(Arc::new(Identity {
             user_id: config.consumer.clone(),
             roles: config.roles.clone(),
             tier: config.tier.clone(),
             method: "api_key",
             session: None,
-        })
+        }))
     }
 
     /// Whether `identity`'s roles grant `permission` (`orders:read`; a role may hold
@@ -418,6 +471,22 @@ impl Authenticator {
 }
 
 pub use crate::session::security_event;
+
+/// Verified tokens kept at most.
+const VERIFIED_TOKENS: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN.saturating_add(9_999);
+
+struct Verified {
+    identity: Arc<Identity>,
+    /// Unix seconds after which the token is checked again (and refused).
+    expires: u64,
+    keys_version: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// Reads a JWKS file.
 pub fn read_jwks(file: &std::path::Path) -> Result<jsonwebtoken::jwk::JwkSet, String> {
@@ -443,3 +512,44 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 /// The identity the authentication layer found, for the layers after it.
 #[derive(Debug, Clone)]
 pub struct Authenticated(pub Arc<Identity>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "a test secret of at least 32 bytes!!";
+
+    fn token(exp: u64) -> String {
+        let claims = serde_json::json!({ "sub": "carol", "roles": ["reader"], "exp": exp });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign")
+    }
+
+    /// A verified token is answered from the cache until it expires, then refused
+    /// like any expired token; a forged one never enters the cache.
+    #[test]
+    fn verified_tokens_are_kept_only_until_they_expire() {
+        let config: AuthConfig = toml::from_str(&format!(
+            "leeway = \"0s\"\nkeys = [{{ algorithm = \"HS256\", secret = \"{SECRET}\" }}]"
+        ))
+        .expect("config");
+        let auth = Authenticator::new(&config, None).expect("authenticator");
+        let soon = token(unix_now() + 1);
+        let first = auth.verify_token(&soon).expect("valid");
+        let again = auth.verify_token(&soon).expect("valid, from the cache");
+        assert!(Arc::ptr_eq(&first, &again), "the cached identity");
+        let mut forged = soon.clone().into_bytes();
+        let i = forged.len() - 10;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).expect("ascii");
+        assert!(auth.verify_token(&forged).is_err());
+        assert!(auth.verify_token(&forged).is_err(), "not cached either");
+        // Waiting for the clock: the token's own expiry is what is tested.
+        std::thread::sleep(Duration::from_millis(2_100));
+        assert!(auth.verify_token(&soon).is_err(), "expired");
+    }
+}

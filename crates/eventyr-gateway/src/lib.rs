@@ -40,6 +40,7 @@ pub mod balance;
 pub mod cache;
 pub mod config;
 pub mod gateway;
+pub mod handles;
 pub mod health;
 pub mod jwks;
 pub mod proxy;

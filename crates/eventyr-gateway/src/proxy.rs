@@ -37,7 +37,7 @@ use crate::resilience::{Breaker, BreakerState, RetryBudget};
 use crate::route::RouteTable;
 use crate::session::Sessions;
 use crate::shared::SharedRedis;
-use crate::stack::{BodyLimit, ClientAddr, Routed};
+use crate::stack::{BodyLimit, ClientAddr, Deadline, Routed};
 
 /// Why a body stopped: the network, or a limit.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -74,6 +74,8 @@ struct Cluster {
     /// h2c to the endpoints.
     http2: bool,
     name: String,
+    /// `http_client_request_duration_seconds` by status.
+    durations: crate::handles::Handles<&'static str, metrics::Histogram>,
 }
 
 impl Cluster {
@@ -87,12 +89,15 @@ impl Cluster {
 
     /// Records how long one attempt took and how it ended.
     fn observe(&self, started: std::time::Instant, status: &'static str) {
-        metrics::histogram!(
-            names::HTTP_CLIENT_REQUEST_DURATION_SECONDS,
-            names::LABEL_CLUSTER => self.name.clone(),
-            names::LABEL_STATUS => status
-        )
-        .record(started.elapsed().as_secs_f64());
+        self.durations
+            .get(status, |status| {
+                metrics::histogram!(
+                    names::HTTP_CLIENT_REQUEST_DURATION_SECONDS,
+                    names::LABEL_CLUSTER => self.name.clone(),
+                    names::LABEL_STATUS => *status
+                )
+            })
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// Counts a retry for `reason`.
@@ -133,6 +138,17 @@ pub struct Proxy {
     client: Client<HttpConnector, Body>,
     /// For clusters with `protocol = "http2"`.
     h2_client: Client<HttpConnector, Body>,
+    /// The gateway's own request metrics.
+    pub(crate) served: Served,
+}
+
+/// Handles of the server-side request metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Served {
+    pub active: std::sync::OnceLock<metrics::Gauge>,
+    /// `http_server_request_duration_seconds` by (route, method, status).
+    pub durations:
+        crate::handles::Handles<(Arc<str>, &'static str, &'static str), metrics::Histogram>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -176,6 +192,7 @@ impl Proxy {
                     hash_client_ip: c.balance == BalanceKind::HashClientIp,
                     http2: c.protocol == crate::config::Protocol::Http2,
                     name: c.name.clone(),
+                    durations: crate::handles::Handles::default(),
                 };
                 (c.name.clone(), cluster)
             })
@@ -233,6 +250,7 @@ impl Proxy {
             clusters,
             client,
             h2_client,
+            served: Served::default(),
         })
     }
 
@@ -302,7 +320,7 @@ impl Proxy {
     /// within the route's; one JSON document with each answer under its name, null
     /// for a call that failed (its reason under `errors`).
     async fn aggregate(&self, routed: &Routed, headers: HeaderMap) -> Response<Body> {
-        let calls = routed.aggregate.iter().map(|call| {
+        let calls = routed.route.aggregate.iter().map(|call| {
             let headers = headers.clone();
             async move {
                 let outcome = self.call(call, &routed.params, headers).await;
@@ -310,9 +328,10 @@ impl Proxy {
             }
         });
         let all = futures::future::join_all(calls);
-        let results = match tokio::time::timeout(routed.timeout, all).await {
+        let results = match tokio::time::timeout(routed.route.timeout, all).await {
             Ok(results) => results,
             Err(_) => routed
+                .route
                 .aggregate
                 .iter()
                 .map(|c| (c.name.clone(), Err("the aggregation timed out".to_owned())))
@@ -458,19 +477,14 @@ impl Proxy {
             .extensions
             .get::<ClientAddr>()
             .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
-        let request_id = parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-        if let Some(builtin) = routed.builtin {
+        // What the client called: its Host, else (HTTP/2) the URI's authority.
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        if let Some(builtin) = routed.route.builtin {
             return match &self.sessions {
                 Some(sessions) => {
                     let identity = parts.extensions.get::<Authenticated>().map(|a| &*a.0);
@@ -479,11 +493,11 @@ impl Proxy {
                 None => error(StatusCode::NOT_FOUND, "no_route", "no sessions here"),
             };
         }
-        if !routed.aggregate.is_empty() {
-            let headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
+        if !routed.route.aggregate.is_empty() {
+            let headers = upstream_headers(parts.headers.clone(), host, client);
             return self.aggregate(&routed, headers).await;
         }
-        let Some(cluster) = self.clusters.get(&routed.cluster) else {
+        let Some(cluster) = self.clusters.get(&*routed.cluster) else {
             return error(StatusCode::BAD_GATEWAY, "bad_gateway", "no such cluster");
         };
         let shed = |reason: &'static str, message: &str| {
@@ -495,7 +509,12 @@ impl Proxy {
             .increment(1);
             error(StatusCode::SERVICE_UNAVAILABLE, reason, message)
         };
-        let Some(admitted) = cluster.breaker.admit() else {
+        let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+        let Some(admitted) = cluster
+            .breaker
+            .admit()
+            .map(|a| Pending::new(&cluster.breaker, a))
+        else {
             return shed(
                 "circuit_open",
                 "the cluster's circuit breaker is open: its upstreams keep failing",
@@ -523,10 +542,11 @@ impl Proxy {
                 Some(query) => format!("{upstream_path}?{query}"),
                 None => upstream_path,
             };
-            let mut headers = upstream_headers(&parts.headers, host.as_deref(), client, &request_id);
             // A WebSocket handshake keeps its Upgrade (hop-by-hop, so put back); the
             // client's end of the connection is taken over once the upstream agrees.
             let websocket = websocket_upgrade(&parts.headers);
+            let length = body_length(&parts.headers);
+            let mut headers = upstream_headers(std::mem::take(&mut parts.headers), host, client);
             let client_upgrade = match &websocket {
                 Some(protocol) => {
                     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -538,7 +558,6 @@ impl Proxy {
             let mut client_upgrade = client_upgrade;
 
             // A small body is kept, so that a failed connection can be tried elsewhere.
-            let length = body_length(&parts.headers);
             let retryable = length.is_some_and(|n| n <= RETRY_BODY_MAX);
             let mut streamed = Some(body);
             let buffered = if retryable {
@@ -556,8 +575,8 @@ impl Proxy {
             };
 
             cluster.budget.deposit();
-            let policy = &routed.retries;
-            let per_try = policy.per_try_timeout.unwrap_or(routed.timeout);
+            let policy = &routed.route.retries;
+            let per_try = policy.per_try_timeout.unwrap_or(routed.route.timeout);
             let idempotent = matches!(
                 parts.method.as_str(),
                 "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
@@ -637,8 +656,9 @@ impl Proxy {
                 }
                 let in_flight = cluster.balancer.start(i);
                 let sent = std::time::Instant::now();
-                let answer = tokio::time::timeout(
-                    per_try,
+                let try_until = tokio::time::Instant::now() + per_try;
+                let answer = tokio::time::timeout_at(
+                    deadline.map_or(try_until, |d| d.min(try_until)),
                     self.client_for(cluster.http2).request(upstream),
                 )
                 .await;
@@ -710,10 +730,39 @@ impl Proxy {
             }
         }
         .await;
-        cluster
-            .breaker
-            .record(admitted, !response.status().is_server_error());
+        admitted.finish(!response.status().is_server_error());
         response
+    }
+}
+
+/// A request the breaker admitted, until its outcome is recorded; dropped before that
+/// (the client went away, the request was cut off), it counts as a failure — so a
+/// half-open breaker's probe is never lost.
+struct Pending<'a> {
+    breaker: &'a Breaker,
+    admitted: Option<crate::resilience::Admitted>,
+}
+
+impl<'a> Pending<'a> {
+    fn new(breaker: &'a Breaker, admitted: crate::resilience::Admitted) -> Self {
+        Self {
+            breaker,
+            admitted: Some(admitted),
+        }
+    }
+
+    fn finish(mut self, ok: bool) {
+        if let Some(admitted) = self.admitted.take() {
+            self.breaker.record(admitted, ok);
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(admitted) = self.admitted.take() {
+            self.breaker.record(admitted, false);
+        }
     }
 }
 
@@ -796,66 +845,86 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The headers upstream: the client's, less the hop-by-hop ones, plus the gateway's.
 fn upstream_headers(
-    incoming: &HeaderMap,
-    host: Option<&str>,
+    mut headers: HeaderMap,
+    host: Option<HeaderValue>,
     client: SocketAddr,
-    request_id: &str,
 ) -> HeaderMap {
-    let mut headers = incoming.clone();
     strip_hop_by_hop(&mut headers);
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(chain) => format!("{chain}, {}", client.ip()),
-        None => client.ip().to_string(),
+    let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(chain) => HeaderValue::from_str(&format!("{chain}, {}", client.ip())).ok(),
+        None => HeaderValue::from_str(&client.ip().to_string()).ok(),
     };
-    let mut set = |name: &'static str, value: &str| {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            headers.insert(name, value);
-        }
-    };
-    set("x-forwarded-for", &forwarded_for);
-    set("x-forwarded-proto", "http");
-    if let Some(host) = host {
-        set("x-forwarded-host", host);
+    if let Some(value) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR, value);
     }
-    set("x-request-id", request_id);
-    let parent = incoming
-        .get("traceparent")
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    // The request id layer has set X-Request-ID already: it goes on as it is.
+    let parent = headers
+        .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent);
-    set("traceparent", &gateway_span(parent));
+    if let Ok(value) = HeaderValue::from_str(&gateway_span(parent)) {
+        headers.insert(TRACEPARENT, value);
+    }
     headers
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 /// (trace id, flags) of a valid W3C traceparent (version 00).
-fn parse_traceparent(value: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = value.trim().split('-').collect();
+fn parse_traceparent(value: &str) -> Option<([u8; 32], [u8; 2])> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    match parts.as_slice() {
-        [version, trace, parent, flags]
-            if *version == "00"
-                && hex(trace, 32)
-                && hex(parent, 16)
-                && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0')
-                && parent.bytes().any(|b| b != b'0') =>
-        {
-            Some((trace.to_ascii_lowercase(), flags.to_ascii_lowercase()))
-        }
-        _ => None,
+    let valid = parts.next().is_none()
+        && version == "00"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0');
+    if !valid {
+        return None;
     }
+    let mut trace_id = [0u8; 32];
+    trace_id.copy_from_slice(trace.as_bytes());
+    trace_id.make_ascii_lowercase();
+    let mut flag_bytes = [0u8; 2];
+    flag_bytes.copy_from_slice(flags.as_bytes());
+    flag_bytes.make_ascii_lowercase();
+    Some((trace_id, flag_bytes))
 }
 
 /// The traceparent of the gateway's own span: the caller's trace (or a new one,
 /// sampled), a new span id.
-fn gateway_span(parent: Option<(String, String)>) -> String {
-    let (trace, flags) = parent.unwrap_or_else(|| {
-        (
-            format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(1..)),
-            "01".to_owned(),
-        )
-    });
-    let span = format!("{:016x}", fastrand::u64(1..));
-    format!("00-{trace}-{span}-{flags}")
+fn gateway_span(parent: Option<([u8; 32], [u8; 2])>) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    match parent {
+        Some((trace, flags)) => {
+            out.push_str(std::str::from_utf8(&trace).unwrap_or("0"));
+            let _ = write!(out, "-{:016x}-", fastrand::u64(1..));
+            out.push_str(std::str::from_utf8(&flags).unwrap_or("01"));
+        }
+        None => {
+            let _ = write!(
+                out,
+                "{:016x}{:016x}-{:016x}-01",
+                fastrand::u64(..),
+                fastrand::u64(1..),
+                fastrand::u64(1..)
+            );
+        }
+    }
+    out
 }
 
 /// The JSON error body.

@@ -198,31 +198,24 @@ pub struct Route {
     headers: Vec<(String, String)>,
     rewrite: Option<RewriteConfig>,
     /// (cluster, weight); one entry when the route has one cluster.
-    clusters: Vec<(String, u32)>,
+    clusters: Vec<(Arc<str>, u32)>,
 }
 
 /// A request's route, its parameters, and the path to send upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Matched<'a> {
-    pub route: &'a Arc<str>,
-    pub timeout: Duration,
-    pub retries: &'a RetryConfig,
-    pub cors: Option<&'a Arc<CorsConfig>>,
-    pub permissions: &'a Arc<[String]>,
-    pub cache: Option<&'a Arc<CacheConfig>>,
-    pub aggregate: &'a Arc<[AggregateCall]>,
-    pub builtin: Option<crate::config::Builtin>,
+    pub route: &'a Arc<Route>,
     pub params: Vec<(String, String)>,
     pub upstream_path: String,
-    clusters: &'a [(String, u32)],
 }
 
-impl Matched<'_> {
+impl Route {
     /// The cluster for a draw `random` in [0, 1): each by its share of the weights.
-    pub fn cluster(&self, random: f64) -> &str {
+    pub fn cluster(&self, random: f64) -> &Arc<str> {
+        static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         let total: u64 = self.clusters.iter().map(|(_, w)| u64::from(*w)).sum();
         let mut ticket = (random.clamp(0.0, 1.0) * total as f64) as u64;
-        for (cluster, weight) in self.clusters {
+        for (cluster, weight) in &self.clusters {
             if ticket < u64::from(*weight) {
                 return cluster;
             }
@@ -232,14 +225,14 @@ impl Matched<'_> {
             .iter()
             .rev()
             .find(|(_, w)| *w > 0)
-            .map_or("", |(c, _)| c.as_str())
+            .map_or_else(|| NONE.get_or_init(|| Arc::from("")), |(c, _)| c)
     }
 }
 
 /// The routes in the order they are tried.
 #[derive(Debug, Clone)]
 pub struct RouteTable {
-    routes: Vec<Route>,
+    routes: Vec<Arc<Route>>,
 }
 
 impl RouteTable {
@@ -253,11 +246,11 @@ impl RouteTable {
             .filter_map(|(i, r)| {
                 let path = PathPattern::parse(&r.path).ok()?;
                 let clusters = match &r.cluster {
-                    Some(cluster) => vec![(cluster.clone(), 1)],
+                    Some(cluster) => vec![(Arc::from(cluster.as_str()), 1)],
                     None => r
                         .split
                         .iter()
-                        .map(|s| (s.cluster.clone(), s.weight))
+                        .map(|s| (Arc::from(s.cluster.as_str()), s.weight))
                         .collect(),
                 };
                 Some((
@@ -299,8 +292,13 @@ impl RouteTable {
             )
         });
         Self {
-            routes: routes.into_iter().map(|(_, r)| r).collect(),
+            routes: routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
         }
+    }
+
+    /// The routes in the order they are tried.
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
     }
 
     /// The route names in the order they are tried.
@@ -328,17 +326,9 @@ impl RouteTable {
             let params = route.path.matches(request.path)?;
             let upstream_path = rewrite(route.rewrite.as_ref(), request.path, &params);
             Some(Matched {
-                route: &route.name,
-                timeout: route.timeout,
-                retries: &route.retries,
-                cors: route.cors.as_ref(),
-                permissions: &route.permissions,
-                cache: route.cache.as_ref(),
-                aggregate: &route.aggregate,
-                builtin: route.builtin,
+                route,
                 params,
                 upstream_path,
-                clusters: &route.clusters,
             })
         })
     }
@@ -452,27 +442,32 @@ mod tests {
             find(&t, "GET", "/health", &[])
                 .expect("exact")
                 .route
+                .name
                 .as_ref(),
             "exact"
         );
-        assert_eq!(find(&t, "GET", "/health/x", &[]), None);
+        assert!(find(&t, "GET", "/health/x", &[]).is_none());
         let order = find(&t, "GET", "/api/orders/42", &[]).expect("template");
-        assert_eq!(order.route.as_ref(), "order");
+        assert_eq!(order.route.name.as_ref(), "order");
         assert_eq!(order.params, [("id".to_owned(), "42".to_owned())]);
         assert_eq!(
             find(&t, "GET", "/api/orders/42/lines", &[])
                 .expect("prefix")
                 .route
+                .name
                 .as_ref(),
             "prefix"
         );
         assert_eq!(
-            find(&t, "GET", "/api", &[]).expect("prefix").route.as_ref(),
+            find(&t, "GET", "/api", &[])
+                .expect("prefix")
+                .route
+                .name
+                .as_ref(),
             "prefix"
         );
-        assert_eq!(
-            find(&t, "GET", "/apix", &[]),
-            None,
+        assert!(
+            find(&t, "GET", "/apix", &[]).is_none(),
             "a prefix ends at a segment"
         );
         let files = find(&t, "GET", "/files/a/b.txt", &[]).expect("rest");
@@ -508,7 +503,7 @@ mod tests {
         );
         assert_eq!(t.order(), ["pinned", "admin-host", "canary", "default"]);
         let route = |method: &str, headers: &[(&str, &str)]| {
-            find(&t, method, "/api/orders/1", headers).map(|m| m.route.to_string())
+            find(&t, method, "/api/orders/1", headers).map(|m| m.route.name.to_string())
         };
         assert_eq!(route("GET", &[]).as_deref(), Some("default"));
         assert_eq!(
@@ -555,12 +550,18 @@ mod tests {
         );
         let strip = find(&t, "GET", "/api/inventory/SKU-1", &[]).expect("strip");
         assert_eq!(strip.upstream_path, "/inventory/SKU-1");
-        assert_eq!(strip.cluster(0.99), "a");
+        assert_eq!(strip.route.cluster(0.99).as_ref(), "a");
         let replace = find(&t, "GET", "/api/orders/7/items/3/x", &[]).expect("replace");
         assert_eq!(replace.upstream_path, "/v2/orders/7/3/x");
         let draws = 10_000;
         let to_b = (0..draws)
-            .filter(|i| replace.cluster(f64::from(*i) / f64::from(draws)) == "b")
+            .filter(|i| {
+                replace
+                    .route
+                    .cluster(f64::from(*i) / f64::from(draws))
+                    .as_ref()
+                    == "b"
+            })
             .count();
         assert_eq!(to_b, 1_000, "10 % to the canary");
     }

@@ -18,7 +18,7 @@ use eventyr_telemetry::names;
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{Layer, Service, ServiceBuilder};
 
 use crate::auth::Authenticated;
 use crate::config::CorsConfig;
@@ -27,48 +27,43 @@ use crate::route::RequestHead;
 
 /// A service of the stack (the whole of it, or the rest of it after a layer): cheap to
 /// clone (one `Arc`) and always ready — the gateway sheds load (bulkheads, breakers,
-/// rate limits) rather than queueing it, so no layer holds back in `poll_ready`.
+/// rate limits) rather than queueing it, so no layer holds back in `poll_ready`. Each
+/// layer costs one boxed future per request, no more.
 #[derive(Clone)]
 pub struct Stack(
     Arc<dyn Fn(Request<Incoming>) -> BoxFuture<'static, Response<Body>> + Send + Sync>,
 );
 
 impl Stack {
-    /// Any always-ready-or-waiting tower service as a stack: each call takes a clone of
-    /// it, waits until it is ready and calls it.
-    pub fn from_service<S>(service: S) -> Self
+    /// The innermost service: an async function of the request.
+    pub fn from_fn<F, Fut>(f: F) -> Self
     where
-        S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
     {
-        Self(Arc::new(move |request| {
-            let service = service.clone();
-            Box::pin(async move {
-                match service.oneshot(request).await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                }
-            })
-        }))
+        Self(Arc::new(move |request| Box::pin(f(request))))
+    }
+
+    /// Answers one request.
+    pub fn answer(&self, request: Request<Incoming>) -> BoxFuture<'static, Response<Body>> {
+        (self.0)(request)
     }
 }
 
 impl Service<Request<Incoming>> for Stack {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Future = futures::future::Map<
+        BoxFuture<'static, Response<Body>>,
+        fn(Response<Body>) -> Result<Response<Body>, Infallible>,
+    >;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let answer = (self.0)(request);
-        Box::pin(async move { Ok(answer.await) })
+        futures::FutureExt::map((self.0)(request), Ok)
     }
 }
 
@@ -79,60 +74,107 @@ pub struct ClientAddr(pub SocketAddr);
 /// A request's route, set by the route layer for the layers after it and the proxy.
 #[derive(Debug, Clone)]
 pub struct Routed {
-    pub route: Arc<str>,
-    pub cluster: String,
+    /// The route as configured and compiled.
+    pub route: Arc<crate::route::Route>,
+    /// The cluster a split drew (or the route's one cluster).
+    pub cluster: Arc<str>,
+    /// The path to send upstream (rewritten, or the request's own).
     pub upstream_path: String,
     pub params: Vec<(String, String)>,
-    pub timeout: std::time::Duration,
-    pub retries: crate::config::RetryConfig,
-    pub cors: Option<Arc<CorsConfig>>,
-    pub permissions: Arc<[String]>,
-    pub cache: Option<Arc<crate::cache::CacheConfig>>,
-    pub aggregate: Arc<[crate::config::AggregateCall]>,
-    pub builtin: Option<crate::config::Builtin>,
 }
 
 /// The route's name on the response (for the access log and metrics outside it).
 #[derive(Debug, Clone)]
 pub struct RouteName(pub Arc<str>);
 
-/// The gateway: every layer, in order, around the proxy.
+/// The gateway: every layer, in order, around the proxy. A layer whose feature the
+/// configuration does not use at all (no `[auth]`, no rate limits, no cached or CORS
+/// route) is left out: it would only pass the request on.
 pub fn stack(proxy: Arc<Proxy>) -> Stack {
+    let uses = Uses::of(&proxy);
+    let logging = Arc::clone(&proxy);
     let routing = Arc::clone(&proxy);
     let authenticating = Arc::clone(&proxy);
     let authorizing = Arc::clone(&proxy);
     let limiting = Arc::clone(&proxy);
     let caching = Arc::clone(&proxy);
+    let forwarding = Arc::clone(&proxy);
     let max_body = proxy.limits().max_body_bytes;
-    let layers = ServiceBuilder::new()
+    ServiceBuilder::new()
         .layer(middleware(request_id))
-        .layer(middleware(access_log))
+        .layer(middleware(move |request, next| {
+            access_log(Arc::clone(&logging), request, next)
+        }))
         .layer(middleware(move |request, next| {
             body_limit(max_body, request, next)
         }))
         .layer(middleware(move |request, next| {
             route(Arc::clone(&routing), request, next)
         }))
-        .layer(middleware(cors))
-        .layer(middleware(move |request, next| {
-            authentication(Arc::clone(&authenticating), request, next)
+        .layer(option_layer(uses.cors, || middleware(cors)))
+        .layer(option_layer(uses.auth, || {
+            middleware(move |request, next| {
+                authentication(Arc::clone(&authenticating), request, next)
+            })
         }))
-        .layer(middleware(move |request, next| {
-            authorization(Arc::clone(&authorizing), request, next)
+        .layer(option_layer(uses.auth, || {
+            middleware(move |request, next| authorization(Arc::clone(&authorizing), request, next))
         }))
-        .layer(middleware(move |request, next| {
-            rate_limit(Arc::clone(&limiting), request, next)
+        .layer(option_layer(uses.rate_limits, || {
+            middleware(move |request, next| rate_limit(Arc::clone(&limiting), request, next))
         }))
-        .layer(middleware(move |request, next| {
-            cache(Arc::clone(&caching), request, next)
+        .layer(option_layer(uses.cache, || {
+            middleware(move |request, next| cache(Arc::clone(&caching), request, next))
         }))
         // Circuit breaker and retries join the timeout here.
         .layer(middleware(timeout))
-        .service(Stack::from_service(tower::service_fn(move |request| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, Infallible>(proxy.forward(request).await) }
-        })));
-    Stack::from_service(layers)
+        .service(Stack::from_fn(move |request| {
+            let proxy = Arc::clone(&forwarding);
+            async move { proxy.forward(request).await }
+        }))
+}
+
+/// Which optional layers a configuration needs.
+struct Uses {
+    cors: bool,
+    auth: bool,
+    rate_limits: bool,
+    cache: bool,
+}
+
+impl Uses {
+    fn of(proxy: &Proxy) -> Self {
+        let routes = proxy.routes().routes();
+        Self {
+            cors: routes.iter().any(|r| r.cors.is_some()),
+            // Without [auth], the layer still drops a client's own X-User-ID.
+            auth: true,
+            rate_limits: !proxy.rules().is_empty(),
+            cache: routes.iter().any(|r| r.cache.is_some()),
+        }
+    }
+}
+
+/// `layer()` when `used`, else a layer that adds nothing.
+fn option_layer<L: Layer<Stack, Service = Stack>>(
+    used: bool,
+    layer: impl FnOnce() -> L,
+) -> Optional<L> {
+    Optional(used.then(layer))
+}
+
+/// A layer that may be absent.
+pub struct Optional<L>(Option<L>);
+
+impl<L: Layer<Stack, Service = Stack>> Layer<Stack> for Optional<L> {
+    type Service = Stack;
+
+    fn layer(&self, inner: Stack) -> Stack {
+        match &self.0 {
+            Some(layer) => layer.layer(inner),
+            None => inner,
+        }
+    }
 }
 
 /// The rest of the stack, for a middleware function to call.
@@ -146,7 +188,8 @@ impl Next {
     }
 }
 
-/// A tower layer made of an async function `f(request, next)`.
+/// A tower layer made of an async function `f(request, next)`: it wraps the rest of
+/// the stack into a new [`Stack`].
 pub fn middleware<F, Fut>(f: F) -> Middleware<F>
 where
     F: Fn(Request<Incoming>, Next) -> Fut + Clone + Send + Sync + 'static,
@@ -160,52 +203,23 @@ pub struct Middleware<F> {
     f: F,
 }
 
-impl<S, F> Layer<S> for Middleware<F>
-where
-    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    F: Clone,
-{
-    type Service = MiddlewareService<F>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        MiddlewareService {
-            inner: Stack::from_service(inner),
-            f: self.f.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct MiddlewareService<F> {
-    inner: Stack,
-    f: F,
-}
-
-impl<F, Fut> Service<Request<Incoming>> for MiddlewareService<F>
+impl<F, Fut> Layer<Stack> for Middleware<F>
 where
     F: Fn(Request<Incoming>, Next) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<Body>, Infallible>>;
+    type Service = Stack;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // The rest of the stack is always ready (see [`Stack`]).
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let next = Next {
-            inner: self.inner.clone(),
-        };
-        let future = (self.f)(request, next);
-        Box::pin(async move { Ok(future.await) })
+    fn layer(&self, inner: Stack) -> Stack {
+        let f = self.f.clone();
+        Stack(Arc::new(move |request| {
+            Box::pin(f(
+                request,
+                Next {
+                    inner: inner.clone(),
+                },
+            ))
+        }))
     }
 }
 
@@ -220,8 +234,9 @@ async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body
             (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
         });
     if !sane {
-        let id = uuid::Uuid::now_v7().to_string();
-        if let Ok(value) = HeaderValue::from_str(&id) {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text);
+        if let Ok(value) = HeaderValue::from_str(id) {
             request.headers_mut().insert("x-request-id", value);
         }
     }
@@ -235,18 +250,26 @@ async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body
 
 /// One access-log line per request (target `eventyr_gateway::access`) and the request
 /// metrics, around everything else.
-async fn access_log(request: Request<Incoming>, next: Next) -> Response<Body> {
+async fn access_log(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Response<Body> {
     let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_default();
-    let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
-    let active = metrics::gauge!(names::HTTP_SERVER_ACTIVE_REQUESTS);
+    let method = method_label(request.method());
+    // What only the log line needs is copied only when the line is written.
+    let logged =
+        tracing::enabled!(target: "eventyr_gateway::access", tracing::Level::INFO).then(|| {
+            let id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .unwrap_or_default();
+            let client = request.extensions().get::<ClientAddr>().map(|c| c.0);
+            (id, client, request.uri().path().to_owned())
+        });
+    let served = &proxy.served;
+    let active = served
+        .active
+        .get_or_init(|| metrics::gauge!(names::HTTP_SERVER_ACTIVE_REQUESTS))
+        .clone();
     active.increment(1.0);
     let response = next.run(request).await;
     active.decrement(1.0);
@@ -256,24 +279,33 @@ async fn access_log(request: Request<Incoming>, next: Next) -> Response<Body> {
         .get::<RouteName>()
         .map_or_else(|| Arc::from("none"), |r| Arc::clone(&r.0));
     let status = response.status();
-    metrics::histogram!(
-        names::HTTP_SERVER_REQUEST_DURATION_SECONDS,
-        names::LABEL_METHOD => method_label(&method),
-        names::LABEL_ROUTE => route.to_string(),
-        names::LABEL_STATUS => status_label(status)
-    )
-    .record(elapsed.as_secs_f64());
-    tracing::info!(
-        target: "eventyr_gateway::access",
-        request_id = %id,
-        client = ?client,
-        method = %method,
-        path = %path,
-        route = %route,
-        status = status.as_u16(),
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        "request"
-    );
+    served
+        .durations
+        .get(
+            (Arc::clone(&route), method, status_label(status)),
+            |(route, method, status)| {
+                metrics::histogram!(
+                    names::HTTP_SERVER_REQUEST_DURATION_SECONDS,
+                    names::LABEL_METHOD => *method,
+                    names::LABEL_ROUTE => route.to_string(),
+                    names::LABEL_STATUS => *status
+                )
+            },
+        )
+        .record(elapsed.as_secs_f64());
+    if let Some((id, client, path)) = logged {
+        tracing::info!(
+            target: "eventyr_gateway::access",
+            request_id = %id,
+            client = ?client,
+            method,
+            path = %path,
+            route = %route,
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
     response
 }
 
@@ -350,17 +382,10 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             header: &lookup,
         };
         proxy.routes().find(&head).map(|m| Routed {
+            cluster: Arc::clone(m.route.cluster(fastrand::f64())),
             route: Arc::clone(m.route),
-            cluster: m.cluster(fastrand::f64()).to_owned(),
-            upstream_path: m.upstream_path.clone(),
-            params: m.params.clone(),
-            timeout: m.timeout,
-            retries: m.retries.clone(),
-            cors: m.cors.cloned(),
-            permissions: Arc::clone(m.permissions),
-            cache: m.cache.cloned(),
-            aggregate: Arc::clone(m.aggregate),
-            builtin: m.builtin,
+            upstream_path: m.upstream_path,
+            params: m.params,
         })
     };
     let Some(routed) = routed else {
@@ -370,7 +395,7 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             format!("no route for {} {}", request.method(), request.uri().path()),
         );
     };
-    let name = RouteName(Arc::clone(&routed.route));
+    let name = RouteName(Arc::clone(&routed.route.name));
     request.extensions_mut().insert(routed);
     let mut response = next.run(request).await;
     response.extensions_mut().insert(name);
@@ -386,7 +411,7 @@ async fn cors(request: Request<Incoming>, next: Next) -> Response<Body> {
     let policy = request
         .extensions()
         .get::<Routed>()
-        .and_then(|r| r.cors.clone());
+        .and_then(|r| r.route.cors.clone());
     let origin = request
         .headers()
         .get(http::header::ORIGIN)
@@ -551,9 +576,7 @@ async fn authentication(
             if let Ok(value) = HeaderValue::from_str(&identity.user_id) {
                 request.headers_mut().insert("x-user-id", value);
             }
-            request
-                .extensions_mut()
-                .insert(Authenticated(Arc::new(identity)));
+            request.extensions_mut().insert(Authenticated(identity));
             next.run(request).await
         }
         Some(Err((reason, refused))) => {
@@ -582,7 +605,7 @@ async fn authorization(
     let needed = request
         .extensions()
         .get::<Routed>()
-        .map(|r| Arc::clone(&r.permissions))
+        .map(|r| Arc::clone(&r.route.permissions))
         .unwrap_or_else(|| Arc::from(Vec::new()));
     if needed.is_empty() {
         return next.run(request).await;
@@ -627,7 +650,7 @@ async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -
     let route = request
         .extensions()
         .get::<Routed>()
-        .map_or_else(|| Arc::from("none"), |r| Arc::clone(&r.route));
+        .map_or_else(|| Arc::from("none"), |r| Arc::clone(&r.route.name));
     let identity = request
         .extensions()
         .get::<Authenticated>()
@@ -781,7 +804,7 @@ async fn cache(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Res
     let cached = request
         .extensions()
         .get::<Routed>()
-        .and_then(|r| Some((Arc::clone(&r.route), r.cache.clone()?)));
+        .and_then(|r| Some((Arc::clone(&r.route.name), r.route.cache.clone()?)));
     let Some((route, policy)) = cached else {
         return next.run(request).await;
     };
@@ -880,13 +903,19 @@ async fn cache(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -> Res
     mark(response, "MISS")
 }
 
-/// The route's timeout: no answer in time is 504 `upstream_timeout`.
-async fn timeout(request: Request<Incoming>, next: Next) -> Response<Body> {
+/// The route's timeout: no answer in time is 504 `upstream_timeout`. The deadline goes
+/// to the proxy too ([`Deadline`]), whose attempts end by it themselves — so a timeout
+/// counts against the cluster's breaker and the endpoint — before this layer would cut
+/// the request off.
+async fn timeout(mut request: Request<Incoming>, next: Next) -> Response<Body> {
     let limit = request
         .extensions()
         .get::<Routed>()
-        .map_or(crate::route::DEFAULT_TIMEOUT, |r| r.timeout);
-    match tokio::time::timeout(limit, next.run(request)).await {
+        .map_or(crate::route::DEFAULT_TIMEOUT, |r| r.route.timeout);
+    let deadline = tokio::time::Instant::now() + limit;
+    request.extensions_mut().insert(Deadline(deadline));
+    // `Timeout` polls the request first: at the deadline, the proxy's own answer wins.
+    match tokio::time::timeout_at(deadline, next.run(request)).await {
         Ok(response) => response,
         Err(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
@@ -895,3 +924,7 @@ async fn timeout(request: Request<Incoming>, next: Next) -> Response<Body> {
         ),
     }
 }
+
+/// When the request's route gives up on it.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub tokio::time::Instant);

@@ -182,8 +182,5 @@ async fn reloads_under_load_fail_no_request() {
             *seen.entry(name).or_insert(0) += n;
         }
     }
-    assert!(
-        seen.contains_key("a") && seen.contains_key("b"),
-        "{seen:?}"
-    );
+    assert!(seen.contains_key("a") && seen.contains_key("b"), "{seen:?}");
 }

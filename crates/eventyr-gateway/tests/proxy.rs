@@ -276,6 +276,7 @@ async fn a_slow_upstream_meets_its_routes_timeout() {
         [[clusters]]
         name = "slow"
         endpoints = [{{ url = "{slow}" }}]
+        circuit_breaker = {{ error_rate = 0.5, min_requests = 3, window = "10s", open_for = "1m" }}
 
         [[routes]]
         name = "slow"
@@ -285,7 +286,7 @@ async fn a_slow_upstream_meets_its_routes_timeout() {
         "#
     ))
     .expect("valid config");
-    let (gateway, _) = start(&config).await;
+    let (gateway, proxy) = start(&config).await;
     let started = std::time::Instant::now();
     let response = reqwest::Client::new()
         .get(format!("{gateway}/x"))
@@ -298,6 +299,19 @@ async fn a_slow_upstream_meets_its_routes_timeout() {
     assert_eq!(response.headers()["x-request-id"], "slow-1");
     let body: Value = response.json().await.expect("json");
     assert_eq!(body["error"], "upstream_timeout");
+
+    // Timeouts are the cluster's failures: three of them open its breaker.
+    for _ in 0..2 {
+        let response = reqwest::get(format!("{gateway}/x")).await.expect("send");
+        assert_eq!(response.status(), 504);
+    }
+    assert_eq!(
+        proxy.breaker_state("slow"),
+        Some(eventyr_gateway::resilience::BreakerState::Open)
+    );
+    let response = reqwest::get(format!("{gateway}/x")).await.expect("send");
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"], "circuit_open");
 }
 
 /// A cluster whose answers keep failing trips its circuit breaker (503

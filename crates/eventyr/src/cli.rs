@@ -429,6 +429,9 @@ pub struct GatewayBenchArgs {
     /// Repeat everything this many times and report the median.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Threads (workers) of each proxy measured: nginx, HAProxy and the gateway.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
     /// Print the results as JSON too.
     #[arg(long)]
     pub json: bool,

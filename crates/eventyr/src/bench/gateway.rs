@@ -1,7 +1,9 @@
 //! `eventyr bench gateway`: wrk through the gateway to a fixed upstream (nginx
-//! answering `200 ok` from memory), against the same upstream direct and behind nginx
-//! and HAProxy as reverse proxies (keep-alive to the upstream), in the same run,
-//! interleaved, median of `--runs`. Needs `nginx`, `wrk` and (for that peer)
+//! answering `200 ok` from memory, a process of its own), against the same upstream
+//! direct and behind nginx and HAProxy as reverse proxies (keep-alive to the
+//! upstream), each proxy with the same `--threads`; then the gateway again with a JWT
+//! checked and a rate limit counted on every request. In the same run, interleaved,
+//! median of `--runs`. Needs `nginx`, `wrk` and (for that peer)
 //! `haproxy` on the PATH: `apt-get install -y nginx-light wrk haproxy`.
 
 use std::net::SocketAddr;
@@ -54,16 +56,18 @@ impl Drop for Peer {
     }
 }
 
-fn start_nginx(dir: &Path, upstream: u16, proxy: u16) -> anyhow::Result<Peer> {
+/// nginx as the upstream (`return 200 "ok"` from memory, one worker) or as a reverse
+/// proxy to it (`workers` workers, keep-alive to the upstream).
+fn start_nginx(dir: &Path, name: &str, server: &str, workers: usize) -> anyhow::Result<Peer> {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir)?;
     let conf = dir.join("nginx.conf");
     std::fs::write(
         &conf,
         format!(
-            "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\n\
+            "daemon off;\nworker_processes {workers};\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\n\
              events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  upstream up {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n\
-               server {{ listen 127.0.0.1:{upstream}; location / {{ return 200 \"ok\\n\"; }} }}\n\
-               server {{ listen 127.0.0.1:{proxy}; location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
+             http {{\n  access_log off;\n  {server}\n}}\n",
             dir = dir.display()
         ),
     )?;
@@ -81,12 +85,12 @@ fn start_nginx(dir: &Path, upstream: u16, proxy: u16) -> anyhow::Result<Peer> {
     Ok(Peer(child))
 }
 
-fn start_haproxy(dir: &Path, upstream: u16, port: u16) -> anyhow::Result<Peer> {
+fn start_haproxy(dir: &Path, upstream: u16, port: u16, threads: usize) -> anyhow::Result<Peer> {
     let conf = dir.join("haproxy.cfg");
     std::fs::write(
         &conf,
         format!(
-            "global\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
+            "global\n  nbthread {threads}\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  http-reuse always\n\
              frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
              backend b\n  server u 127.0.0.1:{upstream}\n"
         ),
@@ -128,8 +132,12 @@ fn wrk_millis(text: &str) -> Option<f64> {
     number.parse::<f64>().ok().map(|n| n / per_ms)
 }
 
-async fn wrk(url: &str, args: &GatewayBenchArgs) -> anyhow::Result<Figures> {
-    let output = tokio::process::Command::new("wrk")
+async fn wrk(url: &str, header: Option<&str>, args: &GatewayBenchArgs) -> anyhow::Result<Figures> {
+    let mut command = tokio::process::Command::new("wrk");
+    if let Some(header) = header {
+        command.args(["-H", header]);
+    }
+    let output = command
         .args([
             "-t1",
             &format!("-c{}", args.connections),
@@ -168,50 +176,80 @@ pub async fn run(config: &Config, args: GatewayBenchArgs) -> anyhow::Result<()> 
     }
     let dir = config.data_dir.join("bench-gateway");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // nginx reads its paths from its prefix: absolute ones only.
+    let dir = std::fs::canonicalize(&dir)?;
+    let threads = args.threads.max(1);
     let (upstream, nginx_port, haproxy_port) = (free_port()?, free_port()?, free_port()?);
-    let _nginx = start_nginx(&dir, upstream, nginx_port)?;
-    let _haproxy = start_haproxy(&dir, upstream, haproxy_port)?;
+    let _upstream = start_nginx(
+        &dir,
+        "upstream",
+        &format!(
+            "server {{ listen 127.0.0.1:{upstream}; location / {{ return 200 \"ok\\n\"; }} }}"
+        ),
+        1,
+    )?;
+    let _nginx = start_nginx(
+        &dir,
+        "proxy",
+        &format!(
+            "upstream up {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n  \
+             server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://up; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        ),
+        threads,
+    )?;
+    let _haproxy = start_haproxy(&dir, upstream, haproxy_port, threads)?;
     for port in [upstream, nginx_port, haproxy_port] {
         wait_for(port).await?;
     }
-    let gateway_config = GatewayConfig::parse(&format!(
+    let cluster = format!(
         "[[clusters]]\nname = \"up\"\nendpoints = [{{ url = \"http://127.0.0.1:{upstream}\" }}]\n\
          [[routes]]\nname = \"all\"\npath = {{ prefix = \"/\" }}\ncluster = \"up\"\n"
-    ))?;
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let gateway_port = listener.local_addr()?.port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(serve(
-        listener,
-        Arc::new(Proxy::new(&gateway_config).map_err(anyhow::Error::msg)?),
-        async move {
-            let _ = stopped.await;
-        },
-        Duration::from_secs(1),
-    ));
+    );
+    // The same route behind a JWT and a rate limit (per caller, high enough never to
+    // refuse: every request is checked and counted, none is turned away).
+    let guarded = format!(
+        "{cluster}permissions = [\"bench:read\"]\n\
+         [auth]\nroles = {{ bench = [\"bench:read\"] }}\n\
+         keys = [{{ algorithm = \"HS256\", secret = \"{BENCH_SECRET}\" }}]\n\
+         [[rate_limits]]\nname = \"per-caller\"\nalgorithm = \"gcra\"\nlimit = 1000000\n\
+         period = \"1s\"\nkey = \"consumer\"\n"
+    );
+    // As in production: a metrics recorder takes every measurement.
+    let _metrics = eventyr_telemetry::install_prometheus().ok();
+    let plain = Gateway::start(&GatewayConfig::parse(&cluster)?, threads).await?;
+    let secured = Gateway::start(&GatewayConfig::parse(&guarded)?, threads).await?;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": "bench", "roles": ["bench"], "exp": u64::MAX / 2 }),
+        &jsonwebtoken::EncodingKey::from_secret(BENCH_SECRET.as_bytes()),
+    )?;
+    let bearer = format!("Authorization: Bearer {token}");
     println!(
-        "eventyr bench gateway: wrk -t1 -c{} for {:?}, {} runs; upstream nginx `return 200` on 127.0.0.1:{upstream}",
+        "eventyr bench gateway: wrk -t1 -c{} for {:?}, {} runs; upstream: nginx `return 200` \
+         (1 worker) on 127.0.0.1:{upstream}; each proxy {threads} thread(s)",
         args.connections, args.duration, args.runs
     );
     let targets = [
-        ("direct", upstream),
-        ("nginx", nginx_port),
-        ("haproxy", haproxy_port),
-        ("eventyr", gateway_port),
+        ("direct", upstream, None),
+        ("nginx", nginx_port, None),
+        ("haproxy", haproxy_port, None),
+        ("eventyr", plain.port, None),
+        ("eventyr+jwt+rl", secured.port, Some(bearer.as_str())),
     ];
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
     for run in 1..=args.runs {
-        for (i, (name, port)) in targets.iter().enumerate() {
-            let figures = wrk(&format!("http://127.0.0.1:{port}/"), &args).await?;
+        for (i, (name, port, header)) in targets.iter().enumerate() {
+            let figures = wrk(&format!("http://127.0.0.1:{port}/"), *header, &args).await?;
             println!(
-                "  run {run} {name:<8} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+                "  run {run} {name:<15} {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
                 figures.requests_per_second, figures.p50_ms, figures.p99_ms
             );
             results[i].push(figures);
         }
     }
-    let _ = stop.send(());
-    let _ = serving.await;
+    plain.stop();
+    secured.stop();
     let medians: Vec<Figures> = results
         .iter()
         .map(|runs| Figures {
@@ -227,10 +265,10 @@ pub async fn run(config: &Config, args: GatewayBenchArgs) -> anyhow::Result<()> 
         .collect();
     let nginx = medians[1].requests_per_second;
     println!("median of {} runs:", args.runs);
-    println!("TARGET     REQ/S      P50 MS   P99 MS   VS NGINX");
-    for ((name, _), figures) in targets.iter().zip(&medians) {
+    println!("TARGET            REQ/S   P50 MS   P99 MS  VS NGINX");
+    for ((name, _, _), figures) in targets.iter().zip(&medians) {
         println!(
-            "{name:<9} {:>9.0}  {:>7.2}  {:>7.2}  {:>7.2}x",
+            "{name:<15} {:>9.0}  {:>7.2}  {:>7.2}  {:>7.2}x",
             figures.requests_per_second,
             figures.p50_ms,
             figures.p99_ms,
@@ -241,7 +279,7 @@ pub async fn run(config: &Config, args: GatewayBenchArgs) -> anyhow::Result<()> 
         let json: serde_json::Value = targets
             .iter()
             .zip(&medians)
-            .map(|((name, _), f)| {
+            .map(|((name, _, _), f)| {
                 (
                     (*name).to_owned(),
                     serde_json::to_value(f).unwrap_or_default(),
@@ -252,6 +290,68 @@ pub async fn run(config: &Config, args: GatewayBenchArgs) -> anyhow::Result<()> 
         println!("{json}");
     }
     Ok(())
+}
+
+const BENCH_SECRET: &str = "the benchmark's secret, at least 32 bytes";
+
+/// A gateway on its own runtime and threads (one: a current-thread runtime, like one
+/// nginx worker; more: a multi-thread runtime with that many workers), so that each
+/// proxy measured gets the same cores.
+struct Gateway {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Gateway {
+    async fn start(config: &GatewayConfig, threads: usize) -> anyhow::Result<Self> {
+        let proxy = Arc::new(Proxy::new(config).map_err(anyhow::Error::msg)?);
+        let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let runtime = if threads == 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()?
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                serve(
+                    listener,
+                    proxy,
+                    async move {
+                        let _ = stopped.await;
+                    },
+                    Duration::from_secs(1),
+                )
+                .await;
+            });
+        });
+        wait_for(port).await?;
+        Ok(Self {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 #[cfg(test)]
