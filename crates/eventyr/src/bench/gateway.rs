@@ -2,8 +2,9 @@
 //! answering `200 ok` from memory, a process of its own), against the same upstream
 //! direct and behind nginx and HAProxy as reverse proxies (keep-alive to the
 //! upstream), each proxy with the same `--threads`; then the gateway again with a JWT
-//! checked and a rate limit counted on every request. In the same run, interleaved,
-//! median of `--runs`. Needs `nginx`, `wrk` and (for that peer)
+//! checked and a rate limit counted on every request; and, as the floor of any proxy
+//! on hyper, hyper's server and client with nothing between them. In the same run,
+//! interleaved, median of `--runs`. Needs `nginx`, `wrk` and (for that peer)
 //! `haproxy` on the PATH: `apt-get install -y nginx-light wrk haproxy`.
 
 use std::net::SocketAddr;
@@ -236,6 +237,7 @@ pub async fn run(config: &Config, args: GatewayBenchArgs) -> anyhow::Result<()> 
         ("haproxy", haproxy_port, None),
         ("eventyr", plain.port, None),
         ("eventyr+jwt+rl", secured.port, Some(bearer.as_str())),
+        ("hyper-minimal", minimal_hyper_proxy(upstream)?, None),
     ];
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
     for run in 1..=args.runs {
@@ -352,6 +354,54 @@ impl Gateway {
             let _ = thread.join();
         }
     }
+}
+
+/// The floor of a proxy built on hyper: hyper's server and pooled client with nothing
+/// between them (no route, no headers added, no metrics), on one current-thread
+/// runtime. What separates the gateway from it is the gateway's own work.
+fn minimal_hyper_proxy(upstream: u16) -> anyhow::Result<u16> {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Runs until the bench process ends.
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            connector.set_nodelay(true);
+            let client: Client<_, hyper::body::Incoming> =
+                Client::builder(TokioExecutor::new()).build(connector);
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                let client = client.clone();
+                let service = hyper::service::service_fn(
+                    move |mut request: hyper::Request<hyper::body::Incoming>| {
+                        let client = client.clone();
+                        async move {
+                            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                            match format!("http://127.0.0.1:{upstream}{path}").parse() {
+                                Ok(uri) => *request.uri_mut() = uri,
+                                Err(_) => return Err(anyhow::anyhow!("a bad path")),
+                            }
+                            client.request(request).await.map_err(anyhow::Error::from)
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+    });
+    Ok(port)
 }
 
 #[cfg(test)]
