@@ -67,6 +67,12 @@ impl Service<Request<Incoming>> for Stack {
     }
 }
 
+// Header names the layers use on every request, made once.
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const X_USER_ID: http::HeaderName = http::HeaderName::from_static("x-user-id");
+const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
 /// The client's address (set by the server on every request).
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
@@ -117,7 +123,7 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
                 authentication(Arc::clone(&authenticating), request, next)
             })
         }))
-        .layer(option_layer(uses.auth, || {
+        .layer(option_layer(uses.authorize, || {
             middleware(move |request, next| authorization(Arc::clone(&authorizing), request, next))
         }))
         .layer(option_layer(uses.rate_limits, || {
@@ -138,6 +144,8 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
 struct Uses {
     cors: bool,
     auth: bool,
+    /// Permissions need `[auth]`; without it no route has any.
+    authorize: bool,
     rate_limits: bool,
     cache: bool,
 }
@@ -149,6 +157,7 @@ impl Uses {
             cors: routes.iter().any(|r| r.cors.is_some()),
             // Without [auth], the layer still drops a client's own X-User-ID.
             auth: true,
+            authorize: proxy.authenticator().is_some(),
             rate_limits: !proxy.rules().is_empty(),
             cache: routes.iter().any(|r| r.cache.is_some()),
         }
@@ -228,7 +237,7 @@ where
 async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body> {
     let sane = request
         .headers()
-        .get("x-request-id")
+        .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|id| {
             (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
@@ -237,13 +246,13 @@ async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text);
         if let Ok(value) = HeaderValue::from_str(id) {
-            request.headers_mut().insert("x-request-id", value);
+            request.headers_mut().insert(X_REQUEST_ID, value);
         }
     }
-    let id = request.headers().get("x-request-id").cloned();
+    let id = request.headers().get(X_REQUEST_ID).cloned();
     let mut response = next.run(request).await;
     if let Some(id) = id {
-        response.headers_mut().insert("x-request-id", id);
+        response.headers_mut().insert(X_REQUEST_ID, id);
     }
     response
 }
@@ -258,7 +267,7 @@ async fn access_log(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -
         tracing::enabled!(target: "eventyr_gateway::access", tracing::Level::INFO).then(|| {
             let id = request
                 .headers()
-                .get("x-request-id")
+                .get(X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
                 .unwrap_or_default();
@@ -367,16 +376,18 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
         let host = headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| request.uri().authority().map(|a| a.to_string()));
+            .or_else(|| request.uri().authority().map(|a| a.as_str()));
         let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         // A CORS preflight is routed as the request it asks about.
-        let method = match lookup("access-control-request-method") {
-            Some(asked) if request.method() == http::Method::OPTIONS => asked,
-            _ => request.method().as_str(),
+        let method = match request.method() {
+            &http::Method::OPTIONS => headers
+                .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("OPTIONS"),
+            other => other.as_str(),
         };
         let head = RequestHead {
-            host: host.as_deref(),
+            host,
             method,
             path: request.uri().path(),
             header: &lookup,
@@ -511,7 +522,7 @@ async fn authentication(
     mut request: Request<Incoming>,
     next: Next,
 ) -> Response<Body> {
-    request.headers_mut().remove("x-user-id");
+    request.headers_mut().remove(X_USER_ID);
     let Some(authenticator) = proxy.authenticator() else {
         return next.run(request).await;
     };
@@ -527,7 +538,7 @@ async fn authentication(
         });
     let api_key = request
         .headers()
-        .get("x-api-key")
+        .get(X_API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let verified = match (bearer, api_key) {
@@ -574,7 +585,7 @@ async fn authentication(
                 }
             }
             if let Ok(value) = HeaderValue::from_str(&identity.user_id) {
-                request.headers_mut().insert("x-user-id", value);
+                request.headers_mut().insert(X_USER_ID, value);
             }
             request.extensions_mut().insert(Authenticated(identity));
             next.run(request).await
@@ -662,7 +673,7 @@ async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -
         .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
     let forwarded = request
         .headers()
-        .get("x-forwarded-for")
+        .get(X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok());
     let client = crate::ratelimit::client_ip(peer, forwarded, proxy.trusted_proxies());
     let mut tightest: Option<(&str, Decision, u64)> = None;
