@@ -54,6 +54,10 @@ pub struct GatewayConfig {
     /// Rate-limit rules (`[[rate_limits]]`).
     #[serde(default)]
     pub rate_limits: Vec<crate::ratelimit::RuleConfig>,
+    /// Adds the sources' default rules (see [`crate::ratelimit::default_rules`]) to
+    /// `rate_limits`; a configured rule of the same name replaces its default.
+    #[serde(default)]
+    pub rate_limit_defaults: bool,
     /// Keys a rule keeps at most (idle ones go first). Default 100 000.
     #[serde(default = "hundred_thousand")]
     pub rate_limit_max_keys: usize,
@@ -533,6 +537,29 @@ impl GatewayConfig {
         Ok(config)
     }
 
+    /// The rate-limit rules in force: the configured ones, and the defaults when asked
+    /// for (those not replaced by a configured rule of their name).
+    pub fn rate_limit_rules(&self) -> Vec<crate::ratelimit::RuleConfig> {
+        let mut rules = self.rate_limits.clone();
+        if self.rate_limit_defaults {
+            let login_routes: Vec<String> = self
+                .routes
+                .iter()
+                .filter(|r| {
+                    matches!(r.builtin, Some(Builtin::Login | Builtin::Refresh))
+                        || r.name.starts_with("auth")
+                })
+                .map(|r| r.name.clone())
+                .collect();
+            for rule in crate::ratelimit::default_rules(login_routes) {
+                if !rules.iter().any(|r| r.name == rule.name) {
+                    rules.push(rule);
+                }
+            }
+        }
+        rules
+    }
+
     /// Every rule a configuration must keep.
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.limits.max_header_bytes < 8 * 1024 {
@@ -584,6 +611,17 @@ impl GatewayConfig {
                 return Err(error(
                     format!("{key}.limit"),
                     "limit and burst are at least 1",
+                ));
+            }
+            if matches!(
+                rule.algorithm,
+                crate::ratelimit::AlgorithmKind::FixedWindow
+                    | crate::ratelimit::AlgorithmKind::SlidingWindow
+            ) && rule.limit > crate::ratelimit::MAX_WINDOW_LIMIT
+            {
+                return Err(error(
+                    format!("{key}.limit"),
+                    "a windowed rule counts at most 1000000 per period; use gcra or token_bucket above",
                 ));
             }
             if rule.shared && self.redis.is_none() {

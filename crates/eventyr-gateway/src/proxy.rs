@@ -210,9 +210,9 @@ impl Proxy {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .build(connector);
         let mut rules: Vec<Rule> = config
-            .rate_limits
-            .iter()
-            .map(|r| Rule::new(r.clone(), config.rate_limit_max_keys))
+            .rate_limit_rules()
+            .into_iter()
+            .map(|r| Rule::new(r, config.rate_limit_max_keys))
             .collect();
         rules.sort_by_key(|r| std::cmp::Reverse(r.config.priority));
         let redis = config

@@ -7,7 +7,8 @@
 //! Redis cannot answer, the rule's `on_backend_error` lets the request through
 //! (`allow`, the default: fail open) or refuses it with 503 (`deny`).
 //!
-//! - fixed window: at most `limit` per window aligned on multiples of `period`;
+//! - fixed window: at most `limit` per window aligned on multiples of `period` (one
+//!   atomic word per key, as the sliding window);
 //! - sliding window: the fixed-window counter of now, plus the previous window's
 //!   weighted by how much of it still overlaps (Cloudflare's approximation);
 //! - token bucket: `burst` tokens, refilled at `limit` per `period`;
@@ -55,6 +56,89 @@ pub struct RuleConfig {
     /// What a shared rule does when Redis cannot answer. Default allow.
     #[serde(default)]
     pub on_backend_error: OnBackendError,
+}
+
+/// The sources' default policy (`rate_limit_defaults = true`): the general API by
+/// sliding window per caller — free 100/h, premium 1 000/h, enterprise 10 000/h —, per
+/// client address 200/h, 50 000/min over everything; and the authentication endpoints
+/// (`login_routes`: routes serving login or refresh, or named `auth…`) by fixed window,
+/// 5 per 5 min per anonymous client address, checked first.
+pub fn default_rules(login_routes: Vec<String>) -> Vec<RuleConfig> {
+    let rule = |name: &str, algorithm, limit, period_s, key, tier: Option<&str>| RuleConfig {
+        name: name.to_owned(),
+        routes: every_route(),
+        priority: 0,
+        algorithm,
+        limit,
+        period: Duration::from_secs(period_s),
+        burst: None,
+        key,
+        tier: tier.map(str::to_owned),
+        shadow: false,
+        shared: false,
+        on_backend_error: OnBackendError::Allow,
+    };
+    use AlgorithmKind::{FixedWindow, SlidingWindow};
+    let mut rules = vec![
+        rule(
+            "default-global",
+            SlidingWindow,
+            50_000,
+            60,
+            KeyKind::Global,
+            None,
+        ),
+        rule(
+            "default-free",
+            SlidingWindow,
+            100,
+            3600,
+            KeyKind::Consumer,
+            Some("free"),
+        ),
+        rule(
+            "default-premium",
+            SlidingWindow,
+            1_000,
+            3600,
+            KeyKind::Consumer,
+            Some("premium"),
+        ),
+        rule(
+            "default-enterprise",
+            SlidingWindow,
+            10_000,
+            3600,
+            KeyKind::Consumer,
+            Some("enterprise"),
+        ),
+        rule(
+            "default-ip",
+            SlidingWindow,
+            200,
+            3600,
+            KeyKind::ClientIp,
+            None,
+        ),
+    ];
+    // Global first, then the caller, then the address (the sources' order).
+    for (priority, rule) in rules.iter_mut().rev().enumerate() {
+        rule.priority = -100 + i32::try_from(priority).unwrap_or(0);
+    }
+    if !login_routes.is_empty() {
+        let mut auth = rule(
+            "default-auth",
+            FixedWindow,
+            5,
+            300,
+            KeyKind::ClientIp,
+            Some("anonymous"),
+        );
+        auth.routes = login_routes;
+        auth.priority = -90;
+        rules.push(auth);
+    }
+    rules
 }
 
 /// What a shared rule does without its backend.
@@ -105,12 +189,41 @@ pub struct Decision {
     pub reset: Duration,
 }
 
+/// A window counter in one atomic word: the window's number (low 24 bits: windows are
+/// compared modulo 2²⁴, so a key idle for 2²⁴ periods may be read as current — it is
+/// evicted long before), its count and the previous window's (20 bits each: limits of a
+/// windowed rule are at most 1 000 000, checked with the configuration).
+struct Packed;
+
+impl Packed {
+    const WINDOW_MASK: u64 = (1 << 24) - 1;
+    const COUNT_MASK: u64 = (1 << 20) - 1;
+
+    fn pack(window: u64, count: u64, previous: u64) -> u64 {
+        ((window & Self::WINDOW_MASK) << 40)
+            | ((count & Self::COUNT_MASK) << 20)
+            | (previous & Self::COUNT_MASK)
+    }
+
+    fn unpack(word: u64) -> (u64, u64, u64) {
+        (
+            word >> 40,
+            (word >> 20) & Self::COUNT_MASK,
+            word & Self::COUNT_MASK,
+        )
+    }
+}
+
+/// The largest `limit` of a fixed- or sliding-window rule (its counts are 20 bits).
+pub const MAX_WINDOW_LIMIT: u64 = 1_000_000;
+
 /// How many shards the counters are spread over.
 const SHARDS: usize = 16;
 
 /// Per-key state.
 enum Cell {
-    Window(Mutex<(u64, u64, u64)>),
+    /// (window, count in it, count in the one before), packed: see [`Packed`].
+    Window(AtomicU64),
     Bucket(Mutex<(f64, Instant)>),
     Gcra(AtomicU64),
 }
@@ -201,7 +314,7 @@ impl Rule {
         }
         let cell = match self.config.algorithm {
             AlgorithmKind::FixedWindow | AlgorithmKind::SlidingWindow => {
-                Cell::Window(Mutex::new((0, 0, 0)))
+                Cell::Window(AtomicU64::new(0))
             }
             AlgorithmKind::TokenBucket => Cell::Bucket(Mutex::new((self.burst() as f64, now))),
             AlgorithmKind::Gcra => Cell::Gcra(AtomicU64::new(0)),
@@ -237,38 +350,44 @@ impl Rule {
         let t = self.millis(now);
         match &entry.cell {
             Cell::Window(state) => {
-                let mut state = state
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let window = t / period;
-                let (ref mut current_window, ref mut current, ref mut previous) = *state;
-                if window != *current_window {
-                    *previous = if window == *current_window + 1 {
-                        *current
-                    } else {
-                        0
-                    };
-                    *current = 0;
-                    *current_window = window;
-                }
                 let elapsed = t % period;
-                let used = match self.config.algorithm {
-                    AlgorithmKind::SlidingWindow => {
+                let sliding = self.config.algorithm == AlgorithmKind::SlidingWindow;
+                let mut seen = state.load(Ordering::Acquire);
+                loop {
+                    let (at, count, before) = Packed::unpack(seen);
+                    // This window's count and the previous one's, as of now.
+                    let (current, previous) = match window.wrapping_sub(at) & Packed::WINDOW_MASK {
+                        0 => (count, before),
+                        1 => (0, count),
+                        _ => (0, 0),
+                    };
+                    let used = if sliding {
                         let overlap = (period - elapsed) as f64 / period as f64;
-                        *current as f64 + *previous as f64 * overlap
+                        current as f64 + previous as f64 * overlap
+                    } else {
+                        current as f64
+                    };
+                    let allowed = used + 1.0 <= limit as f64;
+                    let next = Packed::pack(window, current + u64::from(allowed), previous);
+                    if next != seen
+                        && let Err(now_seen) = state.compare_exchange_weak(
+                            seen,
+                            next,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                    {
+                        seen = now_seen;
+                        continue;
                     }
-                    _ => *current as f64,
-                };
-                let allowed = used + 1.0 <= limit as f64;
-                if allowed {
-                    *current += 1;
-                }
-                let used_after = used + f64::from(u8::from(allowed));
-                Decision {
-                    allowed,
-                    limit,
-                    remaining: (limit as f64 - used_after).max(0.0) as u64,
-                    reset: Duration::from_millis(period - elapsed),
+                    let used_after = used + f64::from(u8::from(allowed));
+                    return Decision {
+                        allowed,
+                        limit,
+                        remaining: (limit as f64 - used_after).max(0.0) as u64,
+                        reset: Duration::from_millis(period - elapsed),
+                    };
                 }
             }
             Cell::Bucket(state) => {
@@ -558,6 +677,29 @@ mod tests {
 
     fn allowed(rule: &Rule, at: Instant, n: usize) -> usize {
         (0..n).filter(|_| rule.check_at("k", at).allowed).count()
+    }
+
+    /// The counters are atomic: threads racing on one key never let more through
+    /// than the limit, nor fewer.
+    #[test]
+    fn racing_threads_get_exactly_the_limit() {
+        for algorithm in [
+            AlgorithmKind::FixedWindow,
+            AlgorithmKind::SlidingWindow,
+            AlgorithmKind::TokenBucket,
+            AlgorithmKind::Gcra,
+        ] {
+            let rule = Arc::new(rule(algorithm, 1_500, 3_600_000, None));
+            let at = Instant::now();
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let rule = Arc::clone(&rule);
+                    std::thread::spawn(move || allowed(&rule, at, 1_000))
+                })
+                .collect();
+            let total: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+            assert_eq!(total, 1_500, "{algorithm:?}");
+        }
     }
 
     #[test]

@@ -242,6 +242,37 @@ async fn sessions_log_in_rotate_detect_reuse_and_revoke() {
     assert_eq!(status, 200, "{renewed}");
 }
 
+/// The sources' default limits: five attempts at the login endpoint per anonymous
+/// address in five minutes; the sixth is 429 whatever the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_limits_stop_password_guessing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let origin = upstream("shop").await;
+    let config = config(&origin, &sqlite(dir.path()), "rate_limit_defaults = true");
+    let names: Vec<String> = config
+        .rate_limit_rules()
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    assert!(names.contains(&"default-auth".to_owned()), "{names:?}");
+    let (gateway, _) = start(&config).await;
+    let client = Client::new();
+    let guess = json!({ "username": "alice", "password": "guess" });
+    for _ in 0..5 {
+        let (status, _) = post(&client, format!("{gateway}/auth/login"), guess.clone()).await;
+        assert_eq!(status, 401);
+    }
+    let response = client
+        .post(format!("{gateway}/auth/login"))
+        .json(&json!({ "username": "alice", "password": "alice" }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(response.headers()["x-ratelimit-limit"], "5");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_in_redis_are_shared_by_gateways_and_fail_closed_without_it() {
     let mut redis = RedisServer::start().expect("redis-server starts");
