@@ -230,9 +230,18 @@ impl Balancer {
     /// healthy endpoint is left.
     pub fn pick(&self, key: Option<&str>, avoid: &[usize]) -> Option<usize> {
         let now = Instant::now();
-        let candidates: Vec<usize> = (0..self.endpoints.len())
+        let mut candidates: Vec<usize> = (0..self.endpoints.len())
             .filter(|i| self.endpoints[*i].available(now) && !avoid.contains(i))
             .collect();
+        // Panic routing (Envoy's panic threshold, at its limit): when no endpoint at
+        // all is healthy and in, health and ejection are set aside and every endpoint
+        // may be tried — a cluster whose checks all fail, or whose only endpoint was
+        // ejected, may still answer; refusing everything surely does not.
+        if candidates.is_empty() && !self.endpoints.iter().any(|e| e.available(now)) {
+            candidates = (0..self.endpoints.len())
+                .filter(|i| !avoid.contains(i))
+                .collect();
+        }
         if candidates.is_empty() {
             return None;
         }
@@ -385,6 +394,17 @@ mod tests {
         assert!(picks.iter().all(|p| *p != 1), "{picks:?}");
         assert!(b.pick(None, &[0]).is_some_and(|p| p == 2));
         assert_eq!(b.pick(None, &[0, 2]), None, "nothing healthy left to try");
+    }
+
+    #[test]
+    fn with_nothing_healthy_every_endpoint_may_be_tried() {
+        let b = balancer(BalanceKind::RoundRobin, &[1, 1]);
+        b.set_healthy(0, false);
+        b.set_healthy(1, false);
+        let picks: Vec<usize> = (0..4).filter_map(|_| b.pick(None, &[])).collect();
+        assert_eq!(picks.len(), 4, "panic routing: {picks:?}");
+        assert_eq!(b.pick(None, &[0]), Some(1), "still another one to try");
+        assert_eq!(b.pick(None, &[0, 1]), None, "both tried");
     }
 
     #[test]
