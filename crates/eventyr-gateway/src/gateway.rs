@@ -4,8 +4,10 @@
 //! configuration, the next ones take the new. An invalid new configuration is refused
 //! and the old one kept.
 //!
-//! A reload starts the clusters' state afresh (endpoint health, ejections, breakers,
-//! rate-limit counters); keeping the state of unchanged clusters is for later.
+//! A cluster or a rate-limit rule whose configuration the reload leaves unchanged keeps
+//! its state (endpoint health, ejections, breaker, retry budget and bulkhead;
+//! counters), and the upstream connection pools stay warm; a changed one starts
+//! afresh.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -113,7 +115,7 @@ impl Gateway {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
         let config = GatewayConfig::parse(&text).map_err(|e| e.to_string())?;
-        let proxy = Arc::new(Proxy::new(&config)?);
+        let proxy = Arc::new(Proxy::reloaded(&config, &self.proxy())?);
         *self
             .current
             .write()

@@ -74,11 +74,44 @@ struct Cluster {
     /// h2c to the endpoints.
     http2: bool,
     name: String,
+    /// As configured: a reload that leaves it unchanged keeps the cluster's state.
+    config: crate::config::ClusterConfig,
     /// `http_client_request_duration_seconds` by status.
     durations: crate::handles::Handles<&'static str, metrics::Histogram>,
 }
 
 impl Cluster {
+    fn new(c: &crate::config::ClusterConfig) -> Self {
+        let endpoints: Vec<(String, String)> = c
+            .endpoints
+            .iter()
+            .filter_map(|e| parse_url(&e.url))
+            .collect();
+        let weighted: Vec<(String, u32)> = c
+            .endpoints
+            .iter()
+            .zip(&endpoints)
+            .map(|(e, (authority, _))| (authority.clone(), e.weight))
+            .collect();
+        Self {
+            balancer: Balancer::new(c.balance, &weighted).with_outlier(c.outlier.clone()),
+            health: c.health.clone(),
+            breaker: Breaker::named(c.circuit_breaker.clone(), &c.name),
+            bulkhead: Arc::new(tokio::sync::Semaphore::new(c.max_concurrent as usize)),
+            budget: RetryBudget::new(c.retry_budget.clone()),
+            endpoints,
+            hash_header: c
+                .hash_header
+                .as_deref()
+                .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+            hash_client_ip: c.balance == BalanceKind::HashClientIp,
+            http2: c.protocol == crate::config::Protocol::Http2,
+            name: c.name.clone(),
+            durations: crate::handles::Handles::default(),
+            config: c.clone(),
+        }
+    }
+
     /// Records an endpoint's answer for outlier ejection (counting ejections).
     fn report(&self, i: usize, ok: bool) {
         if self.balancer.report(i, ok).is_some() {
@@ -128,18 +161,36 @@ pub struct Proxy {
     table: RouteTable,
     cache: ResponseCache,
     /// Rate-limit rules, highest priority first.
-    rules: Vec<Rule>,
+    rules: Vec<Arc<Rule>>,
     trusted: Vec<Cidr>,
     authenticator: Option<Authenticator>,
     sessions: Option<Sessions>,
     redis: Option<SharedRedis>,
     limits: LimitsConfig,
-    clusters: HashMap<String, Cluster>,
+    clusters: HashMap<String, Arc<Cluster>>,
     client: Client<HttpConnector, Body>,
     /// For clusters with `protocol = "http2"`.
     h2_client: Client<HttpConnector, Body>,
+    rate_limit_max_keys: usize,
     /// The gateway's own request metrics.
     pub(crate) served: Served,
+}
+
+/// The upstream clients: HTTP/1.1 keep-alive, and h2c.
+fn clients() -> (Client<HttpConnector, Body>, Client<HttpConnector, Body>) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector.clone());
+    let h2_client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .http2_only(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .build(connector);
+    (client, h2_client)
 }
 
 /// Handles of the server-side request metrics.
@@ -163,56 +214,49 @@ impl Proxy {
     /// The proxy of a checked configuration (`GatewayConfig::check`). Errors: the
     /// session store cannot be opened.
     pub fn new(config: &GatewayConfig) -> Result<Self, String> {
+        Self::build(config, None)
+    }
+
+    /// The proxy of a reloaded configuration: clusters and rate-limit rules whose
+    /// configuration did not change keep their state (endpoint health, ejections,
+    /// breaker, retry budget, bulkhead; counters), and the upstream connection pools
+    /// stay warm.
+    pub fn reloaded(config: &GatewayConfig, previous: &Proxy) -> Result<Self, String> {
+        Self::build(config, Some(previous))
+    }
+
+    fn build(config: &GatewayConfig, previous: Option<&Proxy>) -> Result<Self, String> {
         let clusters = config
             .clusters
             .iter()
             .map(|c| {
-                let endpoints: Vec<(String, String)> = c
-                    .endpoints
-                    .iter()
-                    .filter_map(|e| parse_url(&e.url))
-                    .collect();
-                let weighted: Vec<(String, u32)> = c
-                    .endpoints
-                    .iter()
-                    .zip(&endpoints)
-                    .map(|(e, (authority, _))| (authority.clone(), e.weight))
-                    .collect();
-                let cluster = Cluster {
-                    balancer: Balancer::new(c.balance, &weighted).with_outlier(c.outlier.clone()),
-                    health: c.health.clone(),
-                    breaker: Breaker::named(c.circuit_breaker.clone(), &c.name),
-                    bulkhead: Arc::new(tokio::sync::Semaphore::new(c.max_concurrent as usize)),
-                    budget: RetryBudget::new(c.retry_budget.clone()),
-                    endpoints,
-                    hash_header: c
-                        .hash_header
-                        .as_deref()
-                        .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
-                    hash_client_ip: c.balance == BalanceKind::HashClientIp,
-                    http2: c.protocol == crate::config::Protocol::Http2,
-                    name: c.name.clone(),
-                    durations: crate::handles::Handles::default(),
-                };
-                (c.name.clone(), cluster)
+                let kept = previous
+                    .and_then(|p| p.clusters.get(&c.name))
+                    .filter(|old| old.config == *c)
+                    .map(Arc::clone);
+                (
+                    c.name.clone(),
+                    kept.unwrap_or_else(|| Arc::new(Cluster::new(c))),
+                )
             })
             .collect();
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector.clone());
-        let h2_client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_only(true)
-            .timer(hyper_util::rt::TokioTimer::new())
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .build(connector);
-        let mut rules: Vec<Rule> = config
+        let (client, h2_client) = match previous {
+            Some(previous) => (previous.client.clone(), previous.h2_client.clone()),
+            None => clients(),
+        };
+        let mut rules: Vec<Arc<Rule>> = config
             .rate_limit_rules()
             .into_iter()
-            .map(|r| Rule::new(r, config.rate_limit_max_keys))
+            .map(|r| {
+                let kept = previous
+                    .and_then(|p| p.rules.iter().find(|old| old.config == r))
+                    .filter(|_| {
+                        previous
+                            .is_some_and(|p| p.rate_limit_max_keys == config.rate_limit_max_keys)
+                    })
+                    .map(Arc::clone);
+                kept.unwrap_or_else(|| Arc::new(Rule::new(r, config.rate_limit_max_keys)))
+            })
             .collect();
         rules.sort_by_key(|r| std::cmp::Reverse(r.config.priority));
         let redis = config
@@ -250,6 +294,7 @@ impl Proxy {
             clusters,
             client,
             h2_client,
+            rate_limit_max_keys: config.rate_limit_max_keys,
             served: Served::default(),
         })
     }
@@ -428,7 +473,7 @@ impl Proxy {
     }
 
     /// The rate-limit rules, highest priority first.
-    pub fn rules(&self) -> &[Rule] {
+    pub fn rules(&self) -> &[Arc<Rule>] {
         &self.rules
     }
 

@@ -184,3 +184,58 @@ async fn reloads_under_load_fail_no_request() {
     }
     assert!(seen.contains_key("a") && seen.contains_key("b"), "{seen:?}");
 }
+
+/// A reload keeps the state of what it leaves unchanged: a rate-limit rule's counters
+/// hold across it; a rule whose configuration changed starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_the_state_of_what_they_leave_unchanged() {
+    let a = upstream("a").await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("gateway.toml");
+    let text = |limit: u32, extra: bool| {
+        let mut text = format!(
+            "[[clusters]]\nname = \"c\"\nendpoints = [{{ url = \"{a}\" }}]\n\n\
+             [[routes]]\nname = \"r\"\npath = {{ prefix = \"/api\" }}\ncluster = \"c\"\n\n\
+             [[rate_limits]]\nname = \"hourly\"\nalgorithm = \"fixed_window\"\nlimit = {limit}\n\
+             period = \"1h\"\nkey = \"global\"\n"
+        );
+        if extra {
+            text.push_str(
+                "\n[[routes]]\nname = \"extra\"\npath = { prefix = \"/extra\" }\ncluster = \"c\"\n",
+            );
+        }
+        text
+    };
+    std::fs::write(&file, text(2, false)).expect("write");
+    let config = GatewayConfig::parse(&text(2, false)).expect("valid");
+    let gateway = eventyr_gateway::gateway::Gateway::new(&config, Some(file.clone()))
+        .expect("the gateway starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(eventyr_gateway::proxy::serve_gateway(
+        listener,
+        Arc::clone(&gateway),
+        common::futures_pending(),
+        Duration::from_secs(1),
+    ));
+    let status = async || {
+        reqwest::get(format!("{url}/api/x"))
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    };
+    assert_eq!((status().await, status().await), (200, 200));
+
+    // Another route, the same rule: its count holds.
+    std::fs::write(&file, text(2, true)).expect("write");
+    gateway.reload().expect("valid");
+    assert_eq!(status().await, 429, "the rule's count survived the reload");
+
+    // The rule changed: it counts afresh.
+    std::fs::write(&file, text(3, true)).expect("write");
+    gateway.reload().expect("valid");
+    assert_eq!(status().await, 200);
+}
