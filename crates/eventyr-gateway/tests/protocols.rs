@@ -220,3 +220,46 @@ async fn h2c_from_clients_and_to_upstreams() {
         assert_eq!(body, "HTTP/2.0 /h2/z");
     }
 }
+
+/// An upstream that closes every connection after one answer (`Connection: close`),
+/// or without a word while it is idle: kept connections that went away are never
+/// used, and no request fails for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_upstream_closed_are_not_reused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let mut served = 0u32;
+        while let Ok((mut stream, _)) = listener.accept().await {
+            served += 1;
+            let closing = served.is_multiple_of(2);
+            tokio::spawn(async move {
+                let _ = read_head(&mut stream).await;
+                let answer = if closing {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                } else {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                };
+                let _ = stream.write_all(answer.as_bytes()).await;
+                // Either way the connection ends here: announced, or silently.
+            });
+        }
+    });
+    let config = GatewayConfig::parse(&format!(
+        "[[clusters]]\nname = \"c\"\nendpoints = [{{ url = \"http://{address}\" }}]\n\
+         [[routes]]\nname = \"r\"\npath = {{ prefix = \"/\" }}\ncluster = \"c\"\n"
+    ))
+    .expect("valid config");
+    let (gateway, _) = start(&config).await;
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        let response = client
+            .post(format!("{gateway}/x"))
+            .body("not idempotent")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200, "request {i}");
+        assert_eq!(response.text().await.expect("body"), "ok");
+    }
+}
