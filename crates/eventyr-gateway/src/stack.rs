@@ -43,11 +43,6 @@ impl Stack {
     {
         Self(Arc::new(move |request| Box::pin(f(request))))
     }
-
-    /// Answers one request.
-    pub fn answer(&self, request: Request<Incoming>) -> BoxFuture<'static, Response<Body>> {
-        (self.0)(request)
-    }
 }
 
 impl Service<Request<Incoming>> for Stack {
@@ -118,10 +113,9 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
             route(Arc::clone(&routing), request, next)
         }))
         .layer(option_layer(uses.cors, || middleware(cors)))
-        .layer(option_layer(uses.auth, || {
-            middleware(move |request, next| {
-                authentication(Arc::clone(&authenticating), request, next)
-            })
+        // Always: without [auth] it still drops a client's own X-User-ID.
+        .layer(middleware(move |request, next| {
+            authentication(Arc::clone(&authenticating), request, next)
         }))
         .layer(option_layer(uses.authorize, || {
             middleware(move |request, next| authorization(Arc::clone(&authorizing), request, next))
@@ -143,7 +137,6 @@ pub fn stack(proxy: Arc<Proxy>) -> Stack {
 /// Which optional layers a configuration needs.
 struct Uses {
     cors: bool,
-    auth: bool,
     /// Permissions need `[auth]`; without it no route has any.
     authorize: bool,
     rate_limits: bool,
@@ -155,8 +148,6 @@ impl Uses {
         let routes = proxy.routes().routes();
         Self {
             cors: routes.iter().any(|r| r.cors.is_some()),
-            // Without [auth], the layer still drops a client's own X-User-ID.
-            auth: true,
             authorize: proxy.authenticator().is_some(),
             rate_limits: !proxy.rules().is_empty(),
             cache: routes.iter().any(|r| r.cache.is_some()),
