@@ -171,6 +171,7 @@ async fn reloads_under_load_fail_no_request() {
         };
         std::fs::write(&file, text(endpoint, extra)).expect("write");
         gateway.reload().expect("a valid configuration");
+        // Pacing, not waiting: requests keep flowing between two reloads.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     done.store(true, Ordering::Relaxed);
