@@ -55,7 +55,7 @@ pub enum StoreKind {
     Postgres,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Copy, Subcommand)]
 pub enum GatewayCommand {
     /// Print the argon2id hash of a password, for a user's `password_hash` in
     /// `[sessions]` (the password is read from standard input, one line).

@@ -21,8 +21,20 @@ pub fn file(global: &crate::cli::GlobalArgs) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("gateway.toml"))
 }
 
+/// `eventyr gateway [hash-password]`.
+pub async fn command(
+    global: &crate::cli::GlobalArgs,
+    listen: Option<SocketAddr>,
+    command: Option<crate::cli::GatewayCommand>,
+) -> anyhow::Result<()> {
+    match command {
+        Some(crate::cli::GatewayCommand::HashPassword) => hash_password(),
+        None => run(&file(global), listen).await,
+    }
+}
+
 /// `eventyr gateway hash-password`: the argon2id hash of the line on standard input.
-pub fn hash_password() -> anyhow::Result<()> {
+fn hash_password() -> anyhow::Result<()> {
     let mut line = String::new();
     std::io::stdin()
         .read_line(&mut line)

@@ -28,9 +28,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use eventyr_saga::Action;
 
-use crate::cli::{
-    Cli, Command, DlqCommand, EventsCommand, GatewayCommand, ProjectionCommand, SagaCommand,
-};
+use crate::cli::{Cli, Command, DlqCommand, EventsCommand, ProjectionCommand, SagaCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -55,24 +53,16 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     // The gateway's --config is its own file, not eventyr.toml: nothing else to load.
-    let config = match &cli.command {
-        Command::Gateway { .. } => None,
-        _ => Some(config::Config::load(&cli.global)?),
-    };
-    let (config, command) = match (config, cli.command) {
-        (_, Command::Gateway { listen, command }) => {
-            return match command {
-                Some(GatewayCommand::HashPassword) => gateway::hash_password(),
-                None => gateway::run(&gateway::file(&cli.global), listen).await,
-            };
-        }
-        (Some(config), command) => (config, command),
-        (None, _) => anyhow::bail!("no configuration was loaded"),
-    };
-    match command {
+    if let Command::Gateway { listen, command } = cli.command {
+        return gateway::command(&cli.global, listen, command).await;
+    }
+    let config = config::Config::load(&cli.global)?;
+    match cli.command {
         Command::Up(args) => up::up(&config, args).await,
         Command::Demo(args) => demo::run(&config, args).await,
-        Command::Gateway { .. } => Ok(()),
+        Command::Gateway { listen, command } => {
+            gateway::command(&cli.global, listen, command).await
+        }
         Command::Reconcile { json } => reconcile::run(&config, json).await,
         Command::Events { command } => match command {
             EventsCommand::Append(args) => events::append(&config, args).await,
