@@ -622,6 +622,10 @@ impl SessionStore for SqliteSessions {
 /// revocations are Lua scripts: atomic, whichever gateway runs them.
 pub struct RedisSessions {
     redis: SharedRedis,
+    /// Made once: each holds its script's SHA-1 for EVALSHA.
+    rotate: redis::Script,
+    revoke: redis::Script,
+    revoke_user: redis::Script,
 }
 
 const ROTATE: &str = r"
@@ -650,7 +654,12 @@ const USER_PREFIX: &str = "eventyr:user-sessions:";
 
 impl RedisSessions {
     pub fn new(redis: SharedRedis) -> Self {
-        Self { redis }
+        Self {
+            redis,
+            rotate: redis::Script::new(ROTATE),
+            revoke: redis::Script::new(REVOKE),
+            revoke_user: redis::Script::new(REVOKE_USER),
+        }
     }
 }
 
@@ -699,7 +708,8 @@ impl SessionStore for RedisSessions {
         expires: SystemTime,
     ) -> Result<Rotation, SessionError> {
         let mut connection = self.redis.connection().map_err(unavailable)?;
-        let outcome: i64 = redis::Script::new(ROTATE)
+        let outcome: i64 = self
+            .rotate
             .key(format!("{SESSION_PREFIX}{id}"))
             .arg(expected)
             .arg(next)
@@ -734,7 +744,7 @@ impl SessionStore for RedisSessions {
 
     async fn revoke(&self, id: &str) -> Result<(), SessionError> {
         let mut connection = self.redis.connection().map_err(unavailable)?;
-        redis::Script::new(REVOKE)
+        self.revoke
             .key(format!("{SESSION_PREFIX}{id}"))
             .arg(USER_PREFIX)
             .arg(id)
@@ -746,7 +756,7 @@ impl SessionStore for RedisSessions {
 
     async fn revoke_user(&self, user: &str) -> Result<u64, SessionError> {
         let mut connection = self.redis.connection().map_err(unavailable)?;
-        redis::Script::new(REVOKE_USER)
+        self.revoke_user
             .key(format!("{USER_PREFIX}{user}"))
             .arg(SESSION_PREFIX)
             .invoke_async::<u64>(&mut connection)

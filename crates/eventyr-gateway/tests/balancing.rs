@@ -125,18 +125,7 @@ async fn reloads_under_load_fail_no_request() {
     };
     std::fs::write(&file, text(&a, false)).expect("write");
     let config = GatewayConfig::parse(&text(&a, false)).expect("valid");
-    let gateway = eventyr_gateway::gateway::Gateway::new(&config, Some(file.clone()))
-        .expect("the gateway starts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(eventyr_gateway::proxy::serve_gateway(
-        listener,
-        Arc::clone(&gateway),
-        common::futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (url, gateway) = common::start_gateway(&config, Some(file.clone())).await;
 
     // Four clients on keep-alive connections, until the reloads are done (at most
     // 20 s), counting who answered and any failure.
@@ -209,18 +198,7 @@ async fn reloads_keep_the_state_of_what_they_leave_unchanged() {
     };
     std::fs::write(&file, text(2, false)).expect("write");
     let config = GatewayConfig::parse(&text(2, false)).expect("valid");
-    let gateway = eventyr_gateway::gateway::Gateway::new(&config, Some(file.clone()))
-        .expect("the gateway starts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    tokio::spawn(eventyr_gateway::proxy::serve_gateway(
-        listener,
-        Arc::clone(&gateway),
-        common::futures_pending(),
-        Duration::from_secs(1),
-    ));
+    let (url, gateway) = common::start_gateway(&config, Some(file.clone())).await;
     let status = async || {
         reqwest::get(format!("{url}/api/x"))
             .await

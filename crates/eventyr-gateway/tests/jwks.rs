@@ -84,10 +84,13 @@ async fn key_sets_are_fetched_refreshed_and_taken_up_when_a_key_is_new() {
     )
     .await;
     let a = upstream("a").await;
-    let (gateway, _) = start_gateway(&config(
-        &a,
-        &format!("{{ url = \"{provider}/jwks.json\", refresh = \"1h\" }}"),
-    ))
+    let (gateway, _) = start_gateway(
+        &config(
+            &a,
+            &format!("{{ url = \"{provider}/jwks.json\", refresh = \"1h\" }}"),
+        ),
+        None,
+    )
     .await;
 
     // Fetched at start.
@@ -162,8 +165,11 @@ async fn a_key_set_file_is_read_at_start_and_a_broken_one_refused() {
     };
     std::fs::write(&file, serde_json::to_vec(&set).expect("json")).expect("write");
     let a = upstream("a").await;
-    let (gateway, _) =
-        start_gateway(&config(&a, &format!("{{ file = \"{}\" }}", file.display()))).await;
+    let (gateway, _) = start_gateway(
+        &config(&a, &format!("{{ file = \"{}\" }}", file.display())),
+        None,
+    )
+    .await;
     assert_eq!(
         status(&gateway, &signed(Algorithm::RS256, &rs, "file-1")).await,
         200

@@ -4,7 +4,7 @@
 //! again on the same port and store, to test what survives.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::process::{Supervised, free_port, run};
 use crate::{TestkitError, io};
@@ -104,22 +104,7 @@ impl NatsServer {
         ];
         let _ = std::fs::remove_file(self.pid_file());
         let mut process = Supervised::start_with(&program, &log, None, Some(&self.pid_file()))?;
-        let started = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("Server is ready") {
-                break;
-            }
-            if process.has_exited() || started.elapsed() > READY_WITHIN {
-                return Err(TestkitError::NotReady {
-                    what: "nats-server",
-                    seconds: READY_WITHIN.as_secs(),
-                    log: text,
-                });
-            }
-            // Polling a log file for a line: there is nothing to wait on.
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        process.wait_for_line(&log, "Server is ready", "nats-server", READY_WITHIN)?;
         self.process = Some(process);
         Ok(())
     }

@@ -54,6 +54,33 @@ impl Supervised {
         Ok(Self { supervisor, stdin })
     }
 
+    /// Waits until the server's `log` holds `line` (it is ready), at most `within`.
+    /// Errors: the server ended first, or took too long (with its log).
+    pub fn wait_for_line(
+        &mut self,
+        log: &Path,
+        line: &str,
+        what: &'static str,
+        within: std::time::Duration,
+    ) -> Result<(), TestkitError> {
+        let started = std::time::Instant::now();
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if text.contains(line) {
+                return Ok(());
+            }
+            if self.has_exited() || started.elapsed() > within {
+                return Err(TestkitError::NotReady {
+                    what,
+                    seconds: within.as_secs(),
+                    log: text,
+                });
+            }
+            // Polling a log file for a line: there is nothing to wait on.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Whether the supervisor (and so the server) has already exited.
     pub fn has_exited(&mut self) -> bool {
         matches!(self.supervisor.try_wait(), Ok(Some(_)))

@@ -2,7 +2,7 @@
 //! stopped and started again on the same port, to test what happens while it is away.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::process::{Supervised, free_port};
 use crate::{TestkitError, io};
@@ -80,22 +80,12 @@ impl RedisServer {
             self.dir.path().display().to_string(),
         ];
         let mut process = Supervised::start_with(&program, &log, None, None)?;
-        let started = Instant::now();
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if text.contains("Ready to accept connections") {
-                break;
-            }
-            if process.has_exited() || started.elapsed() > READY_WITHIN {
-                return Err(TestkitError::NotReady {
-                    what: "redis-server",
-                    seconds: READY_WITHIN.as_secs(),
-                    log: text,
-                });
-            }
-            // Polling a log file for a line: there is nothing to wait on.
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        process.wait_for_line(
+            &log,
+            "Ready to accept connections",
+            "redis-server",
+            READY_WITHIN,
+        )?;
         self.process = Some(process);
         Ok(())
     }

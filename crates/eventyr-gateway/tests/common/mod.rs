@@ -88,12 +88,14 @@ pub fn futures_pending() -> impl Future<Output = ()> + Send {
     std::future::pending()
 }
 
-/// Runs a reloadable gateway of `config` with its background work (health checks,
-/// JWKS refreshes) on a loopback port until the test ends; its base URL.
+/// Runs a reloadable gateway of `config` (read again from `file` on reloads) with its
+/// background work (health checks, JWKS refreshes) on a loopback port until the test
+/// ends; its base URL.
 pub async fn start_gateway(
     config: &GatewayConfig,
+    file: Option<std::path::PathBuf>,
 ) -> (String, Arc<eventyr_gateway::gateway::Gateway>) {
-    let gateway = eventyr_gateway::gateway::Gateway::new(config, None).expect("the gateway starts");
+    let gateway = eventyr_gateway::gateway::Gateway::new(config, file).expect("the gateway starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
