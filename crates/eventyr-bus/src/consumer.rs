@@ -29,6 +29,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt as _, StreamExt as _};
 use lru::LruCache;
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 use crate::error::BusError;
 use crate::inbox::{DeadLetter, DeadLetterStatus, Gate, Inbox, NewDeadLetter};
@@ -643,7 +644,13 @@ async fn decide(
     message: &Message,
     delivery: Option<&Delivery>,
 ) -> Result<Vec<SqlStatement>, Failure> {
-    let handled = AssertUnwindSafe(ctx.handler.handle(message)).catch_unwind();
+    // Each attempt is a span that continues the trace of the event it handles.
+    let span = eventyr_telemetry::trace::consumer(
+        &ctx.label,
+        message.event.event_type.as_str(),
+        message.event.metadata.traceparent.as_deref(),
+    );
+    let handled = AssertUnwindSafe(ctx.handler.handle(message).instrument(span)).catch_unwind();
     let mut handled = std::pin::pin!(handled);
     let beat = (ctx.options.ack_wait / 3).max(Duration::from_millis(100));
     let outcome = loop {

@@ -382,7 +382,11 @@ impl<A: Aggregate> CommandHandler<A> {
                     .unwrap_or_else(|| command.id.to_string()),
             ),
             causation_id: Some(command.id.to_string()),
-            traceparent: command.traceparent.clone(),
+            // A command without a trace of its own continues the one it runs in.
+            traceparent: command
+                .traceparent
+                .clone()
+                .or_else(eventyr_telemetry::trace::current_traceparent),
             user_id: command.user_id.clone(),
         };
         events

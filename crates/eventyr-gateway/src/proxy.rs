@@ -913,12 +913,17 @@ fn upstream_headers(
     if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    // The request id layer has set X-Request-ID already: it goes on as it is.
-    let parent = headers
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent);
-    if let Ok(value) = HeaderValue::from_str(&gateway_span(parent)) {
+    // The request id layer has set X-Request-ID already: it goes on as it is. The
+    // upstream continues the gateway's span; without a tracer installed (the gateway
+    // as a library), a span id of the gateway's own in the caller's trace.
+    let traceparent = eventyr_telemetry::trace::current_traceparent().unwrap_or_else(|| {
+        let parent = headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
+        gateway_span(parent)
+    });
+    if let Ok(value) = HeaderValue::from_str(&traceparent) {
         headers.insert(TRACEPARENT, value);
     }
     headers
@@ -981,7 +986,12 @@ fn gateway_span(parent: Option<([u8; 32], [u8; 2])>) -> String {
 
 /// The JSON error body.
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    let body = serde_json::json!({ "error": code, "message": message.into() }).to_string();
+    let mut body = serde_json::json!({ "error": code, "message": message.into() });
+    // The request's trace, as X-Trace-ID names it (the request id layer's span).
+    if let Some(trace_id) = eventyr_telemetry::trace::current_trace_id() {
+        body["trace_id"] = trace_id.into();
+    }
+    let body = body.to_string();
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -224,8 +224,12 @@ where
 }
 
 /// Keeps the client's `X-Request-ID` if it is sane (1 to 200 visible characters),
-/// else gives the request a new one (UUIDv7); the answer carries it.
+/// else gives the request a new one (UUIDv7), and runs the request in the gateway's
+/// server span, which continues the client's `traceparent` (the proxy hands the span
+/// on upstream). The answer carries `X-Request-ID` and `X-Trace-ID`.
 async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body> {
+    use eventyr_telemetry::trace;
+    use tracing::Instrument as _;
     let sane = request
         .headers()
         .get(X_REQUEST_ID)
@@ -241,9 +245,26 @@ async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body
         }
     }
     let id = request.headers().get(X_REQUEST_ID).cloned();
-    let mut response = next.run(request).await;
+    // The route is known once routed: the span is named by the method until then.
+    let method = method_label(request.method());
+    let span = trace::server(
+        "gateway",
+        method,
+        "",
+        trace::extract(request.headers()),
+        id.as_ref().and_then(|v| v.to_str().ok()),
+    );
+    let mut response = next.run(request).instrument(span.clone()).await;
+    if let Some(route) = response.extensions().get::<RouteName>() {
+        trace::record_route(&span, method, &route.0);
+    }
+    trace::record_status(&span, response.status().as_u16());
+    let headers = response.headers_mut();
     if let Some(id) = id {
-        response.headers_mut().insert(X_REQUEST_ID, id);
+        headers.insert(X_REQUEST_ID, id);
+    }
+    if let Some(value) = trace::trace_id_of(&span).and_then(|t| HeaderValue::from_str(&t).ok()) {
+        headers.insert(trace::X_TRACE_ID, value);
     }
     response
 }

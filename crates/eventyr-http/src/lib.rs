@@ -7,6 +7,8 @@
 //!   rules ([`Validate`]).
 //! - [`probes`]: `/health/live`, `/health/ready` (ready only when the service's
 //!   dependencies answer) and `/metrics`.
+//! - [`traced`]: each request in a server span that continues the caller's trace,
+//!   answered with `X-Request-ID` and `X-Trace-ID`.
 //! - [`Faults`]: demonstration knobs (failure rate, added latency) on a service's
 //!   step calls, settable at run time through `/admin/faults`.
 
@@ -98,9 +100,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let trace_id = uuid::Uuid::now_v7().simple().to_string();
+        // The request's trace (see `traced`); a fresh id outside one.
+        let trace_id = eventyr_telemetry::trace::current_trace_id()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
         if self.status.is_server_error() {
-            tracing::warn!(%trace_id, code = %self.code, message = %self.message, "request failed");
+            tracing::warn!(%trace_id, code = %self.code, detail = %self.message, "request failed");
         }
         let mut body = json!({
             "error": self.code,
@@ -327,6 +331,62 @@ impl Faults {
         }
         next.run(request).await
     }
+}
+
+/// Runs each request of `router` in a server span of `service` (named by the matched
+/// route's template, never the raw path) that continues the caller's `traceparent`;
+/// keeps the caller's `X-Request-ID` (or makes one) and answers with it and with
+/// `X-Trace-ID`.
+pub fn traced(service: &'static str, router: Router) -> Router {
+    router.layer(axum::middleware::from_fn(
+        move |request: Request, next: Next| trace_request(service, request, next),
+    ))
+}
+
+const X_REQUEST_ID: &str = "x-request-id";
+
+async fn trace_request(service: &'static str, mut request: Request, next: Next) -> Response {
+    use tracing::Instrument as _;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |path| path.as_str())
+        .to_owned();
+    let headers = request.headers_mut();
+    let request_id = match headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        Some(id) if valid_request_id(id) => id.to_owned(),
+        _ => {
+            let id = uuid::Uuid::now_v7().to_string();
+            if let Ok(value) = header::HeaderValue::from_str(&id) {
+                headers.insert(X_REQUEST_ID, value);
+            }
+            id
+        }
+    };
+    let span = eventyr_telemetry::trace::server(
+        service,
+        request.method().as_str(),
+        &route,
+        eventyr_telemetry::trace::extract(request.headers()),
+        Some(&request_id),
+    );
+    let mut response = next.run(request).instrument(span.clone()).await;
+    eventyr_telemetry::trace::record_status(&span, response.status().as_u16());
+    let headers = response.headers_mut();
+    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
+        headers.insert(X_REQUEST_ID, value);
+    }
+    if let Some(value) = eventyr_telemetry::trace::trace_id_of(&span)
+        .and_then(|id| header::HeaderValue::from_str(&id).ok())
+    {
+        headers.insert(eventyr_telemetry::trace::X_TRACE_ID, value);
+    }
+    response
+}
+
+/// A caller's request id worth keeping: 1 to 128 visible ASCII characters.
+fn valid_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The conventions every service router gets: the body limit, and JSON error bodies

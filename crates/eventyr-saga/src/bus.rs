@@ -106,7 +106,8 @@ impl Participants for BusParticipants {
         let event = NewEvent::json(COMMAND_TYPE, &command)
             .map_err(StoreError::from)
             .and_then(|e| {
-                Ok(e.with_id(derived_id(
+                // The participant's consumer continues the step's trace.
+                Ok(in_current_trace(e).with_id(derived_id(
                     "command",
                     &command.idempotency_key,
                     command.attempt,
@@ -240,7 +241,9 @@ impl Handler for CommandHandler {
         };
         let id = derived_id("reply", &command.idempotency_key, command.attempt)
             .map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        // The orchestrator's reply consumer continues the participant's trace.
         let event = NewEvent::json(REPLY_TYPE, &reply)
+            .map(in_current_trace)
             .map_err(|e| HandlerError::Permanent(e.to_string()))?
             .with_id(id);
         match record(&self.store, format!("sagareply-{}", command.saga_id), event).await {
@@ -251,4 +254,10 @@ impl Handler for CommandHandler {
             Err(error) => Err(HandlerError::Transient(error.to_string())),
         }
     }
+}
+
+/// `event` carrying the current span's trace context.
+fn in_current_trace(mut event: NewEvent) -> NewEvent {
+    event.metadata.traceparent = eventyr_telemetry::trace::current_traceparent();
+    event
 }

@@ -22,6 +22,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tracing::Instrument as _;
 
 use crate::admin::{self, OperatorEvent, SagaAdmin};
 use crate::definition::SagaDefinition;
@@ -302,10 +303,20 @@ impl SagaHandle {
             .acquire_owned()
             .await
             .map_err(|_| EngineError::Stopped)?;
-        let events = machine::start(definition, id, data, correlation_id, self.clock.now());
+        // The saga continues the trace it was started in.
+        let traceparent = eventyr_telemetry::trace::current_traceparent();
+        let events = machine::start(
+            definition,
+            id,
+            data,
+            correlation_id,
+            traceparent.clone(),
+            self.clock.now(),
+        );
         let (answer, answered) = oneshot::channel();
         let mut state = SagaState::empty(id);
         state.saga_type.clone_from(&definition.saga_type);
+        state.traceparent = traceparent;
         let command = Command::Start {
             state,
             events,
@@ -426,16 +437,10 @@ pub(crate) async fn list(
 ) -> Result<Vec<SagaSummary>, EngineError> {
     let mut sagas: HashMap<String, SagaSummary> = HashMap::new();
     scan(store, |id, event| {
-        let summary = sagas.entry(id.to_owned()).or_insert_with(|| SagaSummary {
-            id: id.to_owned(),
-            saga_type: String::new(),
-            status: SagaStatus::Started,
-            flagged: false,
-            started_at: Timestamp::UNIX_EPOCH,
-            updated_at: Timestamp::UNIX_EPOCH,
-            reason: None,
-        });
-        summary.apply(event);
+        sagas
+            .entry(id.to_owned())
+            .or_insert_with(|| SagaSummary::empty(id))
+            .apply(event);
     })
     .await?;
     let mut sagas: Vec<SagaSummary> = sagas
@@ -533,7 +538,20 @@ pub struct SagaSummary {
 }
 
 impl SagaSummary {
-    fn apply(&mut self, event: &SagaEvent) {
+    /// The summary before any event.
+    pub(crate) fn empty(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            saga_type: String::new(),
+            status: SagaStatus::Started,
+            flagged: false,
+            started_at: Timestamp::UNIX_EPOCH,
+            updated_at: Timestamp::UNIX_EPOCH,
+            reason: None,
+        }
+    }
+
+    pub(crate) fn apply(&mut self, event: &SagaEvent) {
         let mut state = SagaState::empty(&self.id);
         state.status = self.status;
         state.flagged = self.flagged;
@@ -681,6 +699,11 @@ impl Sagas {
         self.generation += 1;
         let generation = self.generation;
         self.active.insert(state.id.clone(), (generation, sender));
+        let span = eventyr_telemetry::trace::saga(
+            &state.saga_type,
+            &state.id,
+            state.traceparent.as_deref(),
+        );
         let saga = Saga {
             shared: Arc::clone(shared),
             definition,
@@ -689,9 +712,11 @@ impl Sagas {
             timer_seq: 0,
             calls: FuturesUnordered::new(),
             began: Instant::now(),
+            span: span.clone(),
         };
         self.running.push(
             saga.run(pending, inbox, permit)
+                .instrument(span)
                 .map(move |id| (id, generation))
                 .boxed(),
         );
@@ -773,6 +798,8 @@ struct Saga {
     timer_seq: u64,
     calls: FuturesUnordered<CallFuture>,
     began: Instant,
+    /// This run of the saga (a recovered saga's run is a new span in the same trace).
+    span: tracing::Span,
 }
 
 impl Saga {
@@ -936,12 +963,18 @@ impl Saga {
                         (names::LABEL_STATUS, status.as_str().to_owned()),
                     ];
                     metrics::counter!(names::SAGA_FINISHED_TOTAL, &labels).increment(1);
+                    self.span.record("saga.status", status.as_str());
+                    if *status != SagaStatus::Completed {
+                        self.span.record("otel.status_code", "ERROR");
+                    }
                     metrics::histogram!(names::SAGA_DURATION_SECONDS, &labels)
                         .record(self.began.elapsed());
                     if *flagged {
                         tracing::error!(saga = %self.state.id, reason = ?reason, "saga FAILED: flagged for manual intervention");
+                    } else if *status == SagaStatus::Completed {
+                        tracing::debug!(saga = %self.state.id, "saga completed");
                     } else {
-                        tracing::info!(saga = %self.state.id, status = status.as_str(), "saga finished");
+                        tracing::info!(saga = %self.state.id, status = status.as_str(), reason = ?reason, "saga finished");
                     }
                     // After the metrics, so that a waiter sees them.
                     let waiting = self
@@ -964,14 +997,25 @@ impl Saga {
             match effect {
                 Effect::Call(call) => {
                     let participants = Arc::clone(&self.shared.participants);
+                    // The participant continues this span's trace.
+                    let span = eventyr_telemetry::trace::saga_step(
+                        &call.step,
+                        call.attempt,
+                        call.compensation,
+                        &self.span,
+                    );
                     self.calls.push(
                         async move {
                             let began = Instant::now();
                             let (step, attempt, compensation) =
                                 (call.step.clone(), call.attempt, call.compensation);
                             let sent = participants.call(call).await;
+                            if matches!(sent, Sent::Replied(Err(_))) {
+                                tracing::Span::current().record("otel.status_code", "ERROR");
+                            }
                             (step, attempt, compensation, began, sent)
                         }
+                        .instrument(span)
                         .boxed(),
                     );
                 }

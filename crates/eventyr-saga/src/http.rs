@@ -244,9 +244,11 @@ impl HttpParticipants {
     /// One HTTP call of a step.
     async fn send(&self, url: &str, call: &StepCall) -> Sent {
         let timeout = machine::until(self.clock.now(), call.deadline).max(ATTEMPT_MIN);
+        // The participant continues the step's trace.
         let request = self
             .client
             .post(url)
+            .headers(eventyr_telemetry::trace::headers())
             .timeout(timeout)
             .header("Idempotency-Key", &call.idempotency_key)
             .header("X-Eventyr-Saga", &call.saga_id)
@@ -315,7 +317,11 @@ pub fn local_step(router: Router, action: &str, compensation: Option<&str>) -> S
             let url = fill(&template, &call);
             let body = serde_json::to_vec(&call.body)
                 .map_err(|e| Failure::permanent(format!("the request is not JSON: {e}")))?;
-            let request = axum::http::Request::post(&url)
+            let mut request = axum::http::Request::post(&url);
+            if let Some(headers) = request.headers_mut() {
+                headers.extend(eventyr_telemetry::trace::headers());
+            }
+            let request = request
                 .header(axum::http::header::CONTENT_TYPE, "application/json")
                 .header("Idempotency-Key", &call.idempotency_key)
                 .header("X-Eventyr-Saga", &call.saga_id)

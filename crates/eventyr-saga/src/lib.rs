@@ -24,6 +24,7 @@ pub mod definition;
 pub mod engine;
 pub mod http;
 pub mod machine;
+pub mod monitor;
 pub mod participants;
 pub mod simulation;
 
@@ -35,4 +36,5 @@ pub use http::{HttpParticipants, admin_router, local_step};
 pub use machine::{
     Effect, Failure, Input, SagaError, SagaEvent, SagaState, SagaStatus, StepCall, TimerKind,
 };
+pub use monitor::{SagaFigures, SagaMonitor};
 pub use participants::{InProcess, Participants, Routed, Sent, StepHandler};

@@ -109,6 +109,10 @@ pub enum SagaEvent {
         data: Value,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         correlation_id: Option<String>,
+        /// The W3C trace context of whoever started the saga: its spans continue it,
+        /// also after a restart.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
         steps: Vec<String>,
         at: Timestamp,
     },
@@ -263,6 +267,8 @@ pub struct SagaState {
     /// The input, with each step's result under `results.<step>`.
     pub data: Value,
     pub correlation_id: Option<String>,
+    /// The trace context the saga started in.
+    pub traceparent: Option<String>,
     pub status: SagaStatus,
     pub steps: Vec<StepState>,
     pub flagged: bool,
@@ -369,6 +375,7 @@ impl SagaState {
             saga_type: String::new(),
             data: Value::Null,
             correlation_id: None,
+            traceparent: None,
             status: SagaStatus::Started,
             steps: Vec::new(),
             flagged: false,
@@ -407,12 +414,14 @@ impl SagaState {
                 saga_type,
                 data,
                 correlation_id,
+                traceparent,
                 steps,
                 at,
             } => {
                 self.saga_type.clone_from(saga_type);
                 self.data = data.clone();
                 self.correlation_id.clone_from(correlation_id);
+                self.traceparent.clone_from(traceparent);
                 self.steps = steps
                     .iter()
                     .map(|name| StepState {
@@ -596,6 +605,7 @@ pub fn start(
     id: &str,
     data: Value,
     correlation_id: Option<String>,
+    traceparent: Option<String>,
     now: Timestamp,
 ) -> Vec<SagaEvent> {
     let mut decision = Decision {
@@ -608,6 +618,7 @@ pub fn start(
         saga_type: definition.saga_type.clone(),
         data,
         correlation_id,
+        traceparent,
         steps: definition.steps.iter().map(|s| s.name.clone()).collect(),
         at: now,
     });

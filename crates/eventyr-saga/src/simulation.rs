@@ -296,7 +296,7 @@ impl World<'_> {
         }
         let points = if self.chance(0.3) { 0 } else { 10 };
         let data = json!({ "order": i, "points": points });
-        let events = machine::start(self.definition, &id, data, None, self.timestamp());
+        let events = machine::start(self.definition, &id, data, None, None, self.timestamp());
         if self.crash_now() {
             self.at(Duration::from_secs(1), Event::Start(i));
             return Ok(());

@@ -42,7 +42,7 @@ struct Saga {
 impl Saga {
     fn start(data: Value) -> Self {
         let definition = trip();
-        let events = machine::start(&definition, "s1", data, None, at(0));
+        let events = machine::start(&definition, "s1", data, None, None, at(0));
         let state = SagaState::replay("s1", &events);
         Self {
             definition,

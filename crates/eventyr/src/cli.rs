@@ -44,6 +44,29 @@ pub struct GlobalArgs {
         value_name = "NAME"
     )]
     pub database_schema: Option<String>,
+    /// Log level per module, as RUST_LOG directives (e.g. `info,eventyr_saga=debug`;
+    /// `eventyr_gateway::access=info` adds a line per request). Default:
+    /// `info,eventyr_gateway::access=off`.
+    #[arg(long, global = true, env = "EVENTYR_LOG", value_name = "DIRECTIVES")]
+    pub log: Option<String>,
+    /// Log lines as JSON or text. Default: JSON unless standard error is a terminal.
+    #[arg(long, global = true, env = "EVENTYR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    /// Export traces over OTLP/HTTP (protobuf) to this base URL (its /v1/traces), e.g.
+    /// http://127.0.0.1:4318. Default: off (OTEL_EXPORTER_OTLP_ENDPOINT is honoured).
+    #[arg(long, global = true, env = "EVENTYR_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatArg {
+    /// JSON unless standard error is a terminal.
+    Auto,
+    /// One JSON object a line.
+    Json,
+    /// Readable text.
+    Text,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

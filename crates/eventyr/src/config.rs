@@ -10,7 +10,7 @@ use eventyr_core::Limits;
 use eventyr_http::{FaultSettings, Validate};
 use serde::Deserialize;
 
-use crate::cli::{GlobalArgs, SagaModeArg, StoreKind};
+use crate::cli::{GlobalArgs, LogFormatArg, SagaModeArg, StoreKind};
 
 /// The file read when `--config` is not given, if it exists.
 const DEFAULT_FILE: &str = "eventyr.toml";
@@ -24,6 +24,8 @@ pub struct Config {
     pub saga_mode: Option<SagaModeArg>,
     /// `[faults.<service>]`: the demonstration knobs `eventyr up` starts with.
     pub faults: BTreeMap<String, FaultSettings>,
+    /// `[telemetry]`: logs and traces.
+    pub telemetry: eventyr_telemetry::Settings,
 }
 
 /// The services whose knobs `[faults.<service>]` may set.
@@ -53,6 +55,16 @@ struct File {
     saga: FileSaga,
     #[serde(default)]
     faults: BTreeMap<String, FaultSettings>,
+    #[serde(default)]
+    telemetry: FileTelemetry,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTelemetry {
+    log: Option<String>,
+    log_format: Option<LogFormatArg>,
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,7 +142,25 @@ impl Config {
             },
             saga_mode: file.saga.mode,
             faults: file.faults,
+            telemetry: telemetry(args, file.telemetry),
         })
+    }
+}
+
+/// Logs and traces from the flags (or their environment variables) over the file's
+/// `[telemetry]`.
+pub fn telemetry(args: &GlobalArgs, file: FileTelemetry) -> eventyr_telemetry::Settings {
+    use eventyr_telemetry::LogFormat;
+    let format = match args.log_format.or(file.log_format) {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Text) => LogFormat::Text,
+        Some(LogFormatArg::Auto) | None => LogFormat::Auto,
+    };
+    eventyr_telemetry::Settings {
+        log: args.log.clone().or(file.log),
+        log_format: format,
+        otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
+        service_name: "eventyr".into(),
     }
 }
 

@@ -294,7 +294,7 @@ pub async fn serve(
             .with_graceful_shutdown(admin_stop)
             .await
         {
-            eprintln!("error: the gateway's admin API stopped: {error}");
+            tracing::error!(%error, "the gateway's admin API stopped");
         }
     }));
     tasks.push(tokio::spawn(eventyr_gateway::proxy::serve_gateway(

@@ -104,7 +104,7 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
                 .with_graceful_shutdown(stop)
                 .await
             {
-                eprintln!("error: the admin API stopped: {error}");
+                tracing::error!(%error, "the admin API stopped");
             }
         }));
     }

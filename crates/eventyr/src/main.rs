@@ -32,6 +32,23 @@ use crate::cli::{Cli, Command, DlqCommand, EventsCommand, ProjectionCommand, Sag
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (config, telemetry) = match load(&cli) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            output::report(&error);
+            return ExitCode::FAILURE;
+        }
+    };
+    // Logs and traces first, outside the runtime (the span exporter has a thread and a
+    // blocking client of its own). Held until the end: dropping it flushes the spans
+    // not yet exported.
+    let _telemetry = match telemetry.as_ref().map(eventyr_telemetry::init).transpose() {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            output::report(&error.into());
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -42,7 +59,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             output::report(&error);
@@ -51,12 +68,28 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    // The gateway's --config is its own file, not eventyr.toml: nothing else to load.
-    if let Command::Gateway { listen, command } = cli.command {
-        return gateway::command(&cli.global, listen, command).await;
+/// The configuration (none for the gateway: its --config is its own file, read by
+/// the command) and how the command logs and traces (`hash-password` does neither).
+fn load(
+    cli: &Cli,
+) -> anyhow::Result<(Option<config::Config>, Option<eventyr_telemetry::Settings>)> {
+    if let Command::Gateway { command, .. } = &cli.command {
+        let mut settings = config::telemetry(&cli.global, config::FileTelemetry::default());
+        settings.service_name = "eventyr-gateway".into();
+        return Ok((None, command.is_none().then_some(settings)));
     }
     let config = config::Config::load(&cli.global)?;
+    let settings = config.telemetry.clone();
+    Ok((Some(config), Some(settings)))
+}
+
+async fn run(cli: Cli, config: Option<config::Config>) -> anyhow::Result<()> {
+    let Some(config) = config else {
+        let Command::Gateway { listen, command } = cli.command else {
+            anyhow::bail!("no configuration was loaded");
+        };
+        return gateway::command(&cli.global, listen, command).await;
+    };
     match cli.command {
         Command::Up(args) => up::up(&config, args).await,
         Command::Demo(args) => demo::run(&config, args).await,

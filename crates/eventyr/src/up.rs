@@ -81,7 +81,7 @@ async fn serve(
             .with_graceful_shutdown(shutdown)
             .await
         {
-            eprintln!("error: a listener failed: {error}");
+            tracing::error!(%error, "a listener failed");
         }
     }));
     Ok(bound)
@@ -238,8 +238,10 @@ fn prices(inventory: SocketAddr) -> order::api::PriceOf {
                 return None;
             }
             let url = format!("http://{inventory}/api/inventory/{sku}");
+            // The price lookup is part of the order's trace.
             let response = client
                 .get(url)
+                .headers(eventyr_telemetry::trace::headers())
                 .timeout(Duration::from_secs(5))
                 .send()
                 .await
@@ -275,8 +277,12 @@ pub async fn start(
     // One recorder for the process; every listener serves it on /metrics. (A second
     // start in the same process keeps the first recorder.)
     let metrics = eventyr_telemetry::install_prometheus().ok();
-    let with_probes = |router: Router, store: &Arc<dyn EventStore>, inbox: &Arc<dyn ReadModels>| {
-        conventions(router.merge(probes(ready(store, inbox), metrics.clone())))
+    let with_probes = |name: &'static str,
+                       router: Router,
+                       store: &Arc<dyn EventStore>,
+                       inbox: &Arc<dyn ReadModels>| {
+        let router = router.merge(probes(ready(store, inbox), metrics.clone()));
+        conventions(eventyr_http::traced(name, router))
     };
     let inventory_state = inventory::api::Inventory {
         items,
@@ -335,7 +341,7 @@ pub async fn start(
     let mut services = Vec::new();
     for (name, store, router, faults) in participants {
         let inbox = inbox(&dir, name)?;
-        let router = with_probes(router, store, &inbox);
+        let router = with_probes(name, router, store, &inbox);
         let address = serve_service(router.clone(), faults, stop.clone(), &mut tasks).await?;
         services.push(Service {
             name,
@@ -506,7 +512,7 @@ pub async fn start(
                 let _ = consumer_stop.wait_for(|s| *s).await;
             };
             if let Err(error) = consumer.run(stopped).await {
-                eprintln!("error: a consumer stopped: {error}");
+                tracing::error!(%error, "a consumer stopped");
             }
         }));
     }
@@ -517,7 +523,7 @@ pub async fn start(
             let _ = engine_stop.wait_for(|s| *s).await;
         };
         if let Err(error) = engine.run(stopped).await {
-            eprintln!("error: the saga engine stopped: {error}");
+            tracing::error!(%error, "the saga engine stopped");
         }
     }));
 
@@ -564,7 +570,7 @@ pub async fn start(
     .merge(eventyr_saga::admin_router(sagas))
     .merge(flows_router(Arc::new(flows)))
     .merge(faults_router(knobs));
-    let internal = with_probes(public, &order_store, &order_inbox);
+    let internal = with_probes("api", public, &order_store, &order_inbox);
     let internal = serve(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         internal,
@@ -907,7 +913,7 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
         .await
         .is_err()
     {
-        eprintln!("error: some components did not stop within 30 s");
+        tracing::error!("some components did not stop within 30 s");
     }
     Ok(())
 }
@@ -929,13 +935,17 @@ async fn reconcile_every(config: Config, period: Duration, mut stop: watch::Rece
                 metrics::gauge!(eventyr_telemetry::names::RECONCILIATION_MISMATCHES)
                     .set(report.mismatches.len() as f64);
                 for mismatch in &report.mismatches {
-                    eprintln!(
-                        "error: Data inconsistency detected: {} {}: {}",
-                        mismatch.check, mismatch.id, mismatch.detail
+                    tracing::error!(
+                        check = %mismatch.check,
+                        id = %mismatch.id,
+                        detail = %mismatch.detail,
+                        "Data inconsistency detected"
                     );
                 }
             }
-            Err(error) => eprintln!("error: the reconciliation failed: {error:#}"),
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "the reconciliation failed")
+            }
         }
     }
 }
@@ -962,7 +972,7 @@ async fn serve_service(
                 None => match tokio::net::TcpListener::bind(address).await {
                     Ok(listener) => listener,
                     Err(error) => {
-                        eprintln!("error: cannot listen on {address} again: {error}");
+                        tracing::error!(%address, %error, "cannot listen again");
                         return;
                     }
                 },
@@ -978,7 +988,7 @@ async fn serve_service(
                 .with_graceful_shutdown(closing)
                 .await
             {
-                eprintln!("error: a listener failed: {error}");
+                tracing::error!(%error, "a listener failed");
             }
             // Down (or stopping): wait until it is up again.
             tokio::select! {

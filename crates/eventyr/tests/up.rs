@@ -5,86 +5,22 @@
 
 mod common;
 
+use common::{Running, login, up_with};
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use eventyr_http::testing;
 use serde_json::{Value, json};
-
-/// `eventyr up` as a child process, killed when dropped (a failed test leaves no
-/// process behind).
-struct Running(Child);
-
-impl std::ops::Deref for Running {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Running {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts `eventyr up` on a free port; returns the process, the URL of the services'
 /// API behind the gateway (no login), and each participant service's (the gateway's,
 /// the public API, under `gateway`).
 fn up(dir: &Path) -> (Running, String, HashMap<String, String>) {
     up_with(dir, &[], Stdio::inherit())
-}
-
-fn up_with(
-    dir: &Path,
-    extra: &[&str],
-    stderr: Stdio,
-) -> (Running, String, HashMap<String, String>) {
-    let mut args = vec!["up", "--listen", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    let mut child = Running(
-        common::eventyr(dir, &args)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("eventyr up starts"),
-    );
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let mut base = None;
-    let mut services = HashMap::new();
-    while services.len() < 6 {
-        let line = lines
-            .next()
-            .expect("eventyr up printed its addresses")
-            .expect("a line");
-        if let Some(url) = line.strip_prefix("public API on ") {
-            services.insert("gateway".to_owned(), url.to_owned());
-        }
-        if let Some((url, _)) = line
-            .strip_prefix("services' API on ")
-            .and_then(|rest| rest.split_once(' '))
-        {
-            base = Some(url.to_owned());
-        }
-        if let Some((service, url)) = line.trim().split_once(" steps on ") {
-            services.insert(service.trim().to_owned(), url.trim().to_owned());
-        }
-    }
-    let base = base.expect("the services' API's address comes first");
-    // Keep reading so that the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, base, services)
 }
 
 /// Writes stock held for `order_id` into the inventory's store behind the services'
@@ -122,19 +58,6 @@ async fn place(base: &str, key: &str, body: Value) -> String {
     assert_eq!(response.status(), 202);
     let placed: Value = response.json().await.expect("json");
     placed["order_id"].as_str().expect("id").to_owned()
-}
-
-/// Logs in at the gateway; the access token.
-async fn login(gateway: &str, user: &str) -> String {
-    let response = reqwest::Client::new()
-        .post(format!("{gateway}/auth/login"))
-        .json(&json!({ "username": user, "password": user }))
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(response.status(), 200, "{user} logs in");
-    let pair: Value = response.json().await.expect("json");
-    pair["access_token"].as_str().expect("a token").to_owned()
 }
 
 /// `method path` at the gateway with `token`: the status and the answer.
@@ -504,6 +427,10 @@ async fn the_periodic_reconciliation_reports_an_inconsistency() {
         .expect("join")
         .expect("a report line");
     assert!(line.contains(&failed), "{line}");
+    // Standard error is a pipe: the log line is one JSON object.
+    let record: Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(record["level"], "ERROR", "{line}");
+    assert_eq!(record["message"], "Data inconsistency detected", "{line}");
     system.kill().expect("stop");
     system.wait().expect("reaped");
 }

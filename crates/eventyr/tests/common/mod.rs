@@ -2,9 +2,13 @@
 //! (Each test crate uses some of these.)
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
+
+use serde_json::{Value, json};
 
 /// `eventyr --data-dir <dir> <args>`, with no configuration from the environment.
 pub fn eventyr(dir: &Path, args: &[&str]) -> Command {
@@ -15,6 +19,11 @@ pub fn eventyr(dir: &Path, args: &[&str]) -> Command {
         .env_remove("EVENTYR_STORE")
         .env_remove("EVENTYR_DATABASE_URL")
         .env_remove("EVENTYR_CONFIG")
+        .env_remove("EVENTYR_LOG")
+        .env_remove("EVENTYR_LOG_FORMAT")
+        .env_remove("EVENTYR_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .arg("--data-dir")
         .arg(dir)
         .args(args);
@@ -40,4 +49,86 @@ pub async fn wait_for(what: &str, mut check: impl AsyncFnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `eventyr up` as a child process, killed when dropped (a failed test leaves no
+/// process behind).
+pub struct Running(pub Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `eventyr up --listen 127.0.0.1:0 <extra>`; returns the process, the URL of
+/// the services' API behind the gateway (no login), and each participant service's
+/// (the gateway's, the public API, under `gateway`).
+pub fn up_with(
+    dir: &Path,
+    extra: &[&str],
+    stderr: Stdio,
+) -> (Running, String, HashMap<String, String>) {
+    let mut args = vec!["up", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut child = Running(
+        eventyr(dir, &args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("eventyr up starts"),
+    );
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut base = None;
+    let mut services = HashMap::new();
+    while services.len() < 6 {
+        let line = lines
+            .next()
+            .expect("eventyr up printed its addresses")
+            .expect("a line");
+        if let Some(url) = line.strip_prefix("public API on ") {
+            services.insert("gateway".to_owned(), url.to_owned());
+        }
+        if let Some((url, _)) = line
+            .strip_prefix("services' API on ")
+            .and_then(|rest| rest.split_once(' '))
+        {
+            base = Some(url.to_owned());
+        }
+        if let Some((service, url)) = line.trim().split_once(" steps on ") {
+            services.insert(service.trim().to_owned(), url.trim().to_owned());
+        }
+    }
+    let base = base.expect("the services' API's address comes first");
+    // Keep reading so that the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, base, services)
+}
+
+/// Logs in at the gateway; the access token.
+pub async fn login(gateway: &str, user: &str) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{gateway}/auth/login"))
+        .json(&json!({ "username": user, "password": user }))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200, "{user} logs in");
+    let pair: Value = response.json().await.expect("json");
+    pair["access_token"].as_str().expect("a token").to_owned()
 }
