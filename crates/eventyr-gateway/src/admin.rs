@@ -141,7 +141,8 @@ async fn ratelimits(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
                 "tier": c.tier,
                 "shadow": c.shadow,
                 "keys": rule.keys(),
-                "hottest": rule.hottest(10).into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+                "hottest": rule.hottest(10),
+                "most_limited": rule.most_limited(10),
             })
         })
         .collect();

@@ -232,6 +232,21 @@ struct Entry {
     cell: Cell,
     /// Last use, in ms since the limiter began (for eviction).
     touched: AtomicU64,
+    /// What the key's last request left of the limit, and its requests denied (for
+    /// monitoring: the hottest and the most limited keys).
+    remaining: AtomicU64,
+    denied: AtomicU64,
+}
+
+/// One key of a rule as monitoring sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyUsage {
+    pub key: String,
+    /// Of the limit, used as of the key's last request.
+    pub used: u64,
+    pub limit: u64,
+    /// Requests denied while the key was held.
+    pub denied: u64,
 }
 
 /// One rule with its counters.
@@ -323,6 +338,8 @@ impl Rule {
             Arc::new(Entry {
                 cell,
                 touched: AtomicU64::new(stamp),
+                remaining: AtomicU64::new(u64::MAX),
+                denied: AtomicU64::new(0),
             })
         }))
     }
@@ -345,6 +362,16 @@ impl Rule {
     /// Counts one request of `key` at `now` (tests pass their own clock).
     pub fn check_at(&self, key: &str, now: Instant) -> Decision {
         let entry = self.entry(key, now);
+        let decision = self.decide(&entry, now);
+        entry.remaining.store(decision.remaining, Ordering::Relaxed);
+        if !decision.allowed {
+            entry.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        decision
+    }
+
+    /// The algorithm's decision on one more request of `entry`.
+    fn decide(&self, entry: &Entry, now: Instant) -> Decision {
         let limit = self.config.limit.max(1);
         let period = self.period_millis();
         let t = self.millis(now);
@@ -457,23 +484,48 @@ impl Rule {
         }
     }
 
-    /// The keys counted now, most recently used first (at most `n`).
-    pub fn hottest(&self, n: usize) -> Vec<(String, u64)> {
-        let mut keys: Vec<(String, u64)> = self
-            .shards
+    /// The keys that have used most of the limit as of their last request (at most
+    /// `n`).
+    pub fn hottest(&self, n: usize) -> Vec<KeyUsage> {
+        let mut keys = self.usage();
+        keys.sort_by(|a, b| b.used.cmp(&a.used).then_with(|| a.key.cmp(&b.key)));
+        keys.truncate(n);
+        keys
+    }
+
+    /// The keys denied most often while held (at most `n`, none that was never denied).
+    pub fn most_limited(&self, n: usize) -> Vec<KeyUsage> {
+        let mut keys = self.usage();
+        keys.retain(|k| k.denied > 0);
+        keys.sort_by(|a, b| b.denied.cmp(&a.denied).then_with(|| a.key.cmp(&b.key)));
+        keys.truncate(n);
+        keys
+    }
+
+    fn usage(&self) -> Vec<KeyUsage> {
+        let limit = match self.config.algorithm {
+            AlgorithmKind::TokenBucket | AlgorithmKind::Gcra => self.burst(),
+            AlgorithmKind::FixedWindow | AlgorithmKind::SlidingWindow => self.config.limit,
+        };
+        self.shards
             .iter()
             .flat_map(|shard| {
                 shard
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .iter()
-                    .map(|(k, e)| (k.clone(), e.touched.load(Ordering::Relaxed)))
+                    .map(|(key, entry)| {
+                        let remaining = entry.remaining.load(Ordering::Relaxed).min(limit);
+                        KeyUsage {
+                            key: key.clone(),
+                            used: limit - remaining,
+                            limit,
+                            denied: entry.denied.load(Ordering::Relaxed),
+                        }
+                    })
                     .collect::<Vec<_>>()
             })
-            .collect();
-        keys.sort_by_key(|k| std::cmp::Reverse(k.1));
-        keys.truncate(n);
-        keys
+            .collect()
     }
 
     /// Keys held now (memory bound check).
@@ -673,6 +725,24 @@ mod tests {
             },
             1_000,
         )
+    }
+
+    #[test]
+    fn monitoring_sees_each_keys_usage_and_denials() {
+        let r = rule(AlgorithmKind::FixedWindow, 3, 60_000, None);
+        let now = Instant::now();
+        for _ in 0..5 {
+            r.check_at("busy", now);
+        }
+        r.check_at("calm", now);
+        let hottest = r.hottest(10);
+        assert_eq!(
+            (hottest[0].key.as_str(), hottest[0].used, hottest[0].denied),
+            ("busy", 3, 2)
+        );
+        assert_eq!((hottest[1].key.as_str(), hottest[1].used), ("calm", 1));
+        let limited: Vec<String> = r.most_limited(10).into_iter().map(|k| k.key).collect();
+        assert_eq!(limited, ["busy"]);
     }
 
     fn allowed(rule: &Rule, at: Instant, n: usize) -> usize {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use eventyr_core::Timestamp;
 use eventyr_store::{EventStore, Filter, SubscriptionOptions, subscribe_all};
+use eventyr_telemetry::names;
 use futures::StreamExt as _;
 use serde::Serialize;
 
@@ -28,6 +29,8 @@ const RECENT: usize = 100;
 const MINUTES_KEPT: i64 = 7 * 24 * 60;
 /// Per-minute counts in a snapshot: the last hour.
 const MINUTES_SHOWN: i64 = 60;
+/// How often the stuck sagas are counted for the `eventyr_saga_stuck` gauge.
+const STUCK_EVERY: Duration = Duration::from_secs(10);
 
 /// Every status, in the order of a saga's life.
 const STATUSES: [SagaStatus; 6] = [
@@ -158,9 +161,12 @@ impl SagaMonitor {
         );
         let mut events = std::pin::pin!(events);
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut look = tokio::time::interval(STUCK_EVERY);
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = &mut shutdown => return,
+                _ = look.tick() => self.publish_stuck(Timestamp::from_system_time(std::time::SystemTime::now())),
                 next = events.next() => match next {
                     None => return,
                     Some(Err(error)) => {
@@ -181,6 +187,30 @@ impl SagaMonitor {
                 },
             }
         }
+    }
+
+    /// Sets the `eventyr_saga_stuck` gauge of each known saga type as of `now`.
+    fn publish_stuck(&self, now: Timestamp) {
+        let mut stuck: HashMap<String, usize> =
+            self.deadlines.keys().map(|t| (t.clone(), 0)).collect();
+        for saga in self.lock().sagas.values() {
+            // Only a known type can be stuck: the label stays bounded.
+            if self.is_stuck(saga, now) {
+                *stuck.entry(saga.saga_type.clone()).or_default() += 1;
+            }
+        }
+        for (saga_type, count) in stuck {
+            metrics::gauge!(names::SAGA_STUCK, names::LABEL_SAGA_TYPE => saga_type)
+                .set(count as f64);
+        }
+    }
+
+    fn is_stuck(&self, saga: &SagaSummary, now: Timestamp) -> bool {
+        !saga.status.is_terminal()
+            && self
+                .deadlines
+                .get(&saga.saga_type)
+                .is_some_and(|deadline| now.duration_since(saga.started_at) > *deadline)
     }
 
     /// Folds one event of saga `id` in.
@@ -223,11 +253,7 @@ impl SagaMonitor {
         for saga in state.sagas.values() {
             *by_status.entry(saga.status.as_str()).or_default() += 1;
             flagged += usize::from(saga.flagged);
-            let overdue = self
-                .deadlines
-                .get(&saga.saga_type)
-                .is_some_and(|deadline| now.duration_since(saga.started_at) > *deadline);
-            if !saga.status.is_terminal() && overdue {
+            if self.is_stuck(saga, now) {
                 stuck.push(line(saga, now));
             }
         }

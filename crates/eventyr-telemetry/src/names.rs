@@ -45,6 +45,9 @@ pub const SAGA_COMPENSATIONS_FAILED_TOTAL: &str = "eventyr_saga_compensations_fa
 /// Choreographed flows not finished within their deadline, by flow (as of the last
 /// look at the tracker).
 pub const SAGA_FLOWS_STUCK: &str = "eventyr_saga_flows_stuck";
+/// Orchestrated sagas running past their saga type's deadline, by type (as of the
+/// saga monitor's last look).
+pub const SAGA_STUCK: &str = "eventyr_saga_stuck";
 /// Label: a choreographed flow's name.
 pub const LABEL_FLOW: &str = "flow";
 /// 1 while the circuit breaker of a saga step's HTTP participant is open, by step.
@@ -244,6 +247,10 @@ pub fn describe() {
     describe_counter!(
         SAGA_FINISHED_TOTAL,
         "Sagas finished, by type and final status (COMPLETED, COMPENSATED, FAILED)."
+    );
+    describe_gauge!(
+        SAGA_STUCK,
+        "Sagas running past their saga type's deadline, by type."
     );
     describe_gauge!(SAGA_IN_FLIGHT, "Sagas running in this engine.");
     describe_histogram!(

@@ -233,6 +233,12 @@ permissions = ["admin:all"]
 cluster = "services"
 
 [[routes]]
+name = "dashboard"
+path = { prefix = "/dashboard" }
+methods = ["GET"]
+cluster = "services"
+
+[[routes]]
 name = "probes"
 path = { prefix = "/health" }
 methods = ["GET"]
@@ -264,14 +270,14 @@ key = "consumer"
 "#;
 
 /// Serves the gateway on `listen` in front of `internal` until `stop` rings; its
-/// address.
+/// address, and the gateway (for the dashboard).
 pub async fn serve(
     data_dir: &Path,
     listen: SocketAddr,
     internal: SocketAddr,
     stop: watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, Arc<Gateway>)> {
     let dir = data_dir.join("gateway");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let admin_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
@@ -299,9 +305,9 @@ pub async fn serve(
     }));
     tasks.push(tokio::spawn(eventyr_gateway::proxy::serve_gateway(
         listener,
-        gateway,
+        Arc::clone(&gateway),
         until(stop),
         GRACE,
     )));
-    Ok(address)
+    Ok((address, gateway))
 }

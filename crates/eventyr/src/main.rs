@@ -11,6 +11,7 @@ mod bench;
 mod builtin;
 mod cli;
 mod config;
+mod dashboard;
 mod demo;
 mod dlq;
 mod events;

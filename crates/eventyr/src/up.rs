@@ -32,6 +32,7 @@ use tokio::sync::watch;
 
 use crate::cli::{SagaModeArg, UpArgs};
 use crate::config::Config;
+use crate::dashboard::Dashboard;
 use crate::stores;
 
 /// The running system: its addresses, and its tasks (which end after the stop).
@@ -537,7 +538,7 @@ pub async fn start(
     let read_models: Arc<dyn ReadModels> = Arc::new(eventyr_store_sqlite::SqliteReadModels::open(
         dir.join("order-read"),
     )?);
-    let (runner, _projections) = eventyr_cqrs::projections(
+    let (runner, projections) = eventyr_cqrs::projections(
         Arc::clone(&order_store),
         Arc::clone(&read_models),
         Arc::new(Upcasters::new()),
@@ -570,6 +571,21 @@ pub async fn start(
     .merge(eventyr_saga::admin_router(sagas))
     .merge(flows_router(Arc::new(flows)))
     .merge(faults_router(knobs));
+    // The dashboard, and the saga monitor it shows.
+    let monitor = eventyr_saga::SagaMonitor::new([&order::saga::definition(timeouts)]);
+    let mut monitor_stop = stop.clone();
+    tasks.push(tokio::spawn(Arc::clone(&monitor).run(
+        Arc::clone(&order_store),
+        async move {
+            let _ = monitor_stop.wait_for(|s| *s).await;
+        },
+    )));
+    let stores = std::iter::once(("order", Arc::clone(&order_store)))
+        .chain(services.iter().map(|s| (s.name, Arc::clone(&s.store))))
+        .collect();
+    let dashboard = Dashboard::new(monitor, projections, metrics.clone(), stores);
+    tasks.push(tokio::spawn(Arc::clone(&dashboard).run(stop.clone())));
+    let public = public.merge(crate::dashboard::router(Arc::clone(&dashboard)));
     let internal = with_probes("api", public, &order_store, &order_inbox);
     let internal = serve(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -578,7 +594,14 @@ pub async fn start(
         &mut tasks,
     )
     .await?;
-    let public = crate::front::serve(data_dir, listen, internal, stop, &mut tasks).await?;
+    let (public, gateway) =
+        crate::front::serve(data_dir, listen, internal, stop, &mut tasks).await?;
+    let _ = dashboard.gateway.set(gateway);
+    let _ = dashboard.services.set(
+        std::iter::once(("order", internal))
+            .chain(services.iter().map(|s| (s.name, s.address)))
+            .collect(),
+    );
     Ok(Addresses {
         public,
         internal,

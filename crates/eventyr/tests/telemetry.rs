@@ -504,3 +504,57 @@ fn the_alert_rules_are_valid_and_each_one_fires() {
         );
     }
 }
+
+/// The Grafana dashboard and the alert rules of `deploy/observability/` name only
+/// metrics that Eventyr records (those of `eventyr-telemetry`'s `names`), and every
+/// panel of the dashboard has a query.
+#[test]
+fn the_grafana_dashboard_and_the_alerts_use_only_metrics_that_exist() {
+    use std::collections::BTreeSet;
+    let names = include_str!("../../eventyr-telemetry/src/names.rs");
+    let known: BTreeSet<&str> = names
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.starts_with("eventyr_") || s.starts_with("http_"))
+        .collect();
+    assert!(known.len() > 40, "{known:?}");
+    let used = |text: &str| -> Vec<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|t| t.starts_with("eventyr_") || t.starts_with("http_"))
+            .map(|t| {
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| t.strip_suffix(suffix))
+                    .unwrap_or(t)
+                    .to_owned()
+            })
+            .collect()
+    };
+    let dashboard: Value = serde_json::from_str(include_str!(
+        "../../../deploy/observability/grafana-dashboard.json"
+    ))
+    .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut queries = 0;
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().expect("an expr");
+            queries += 1;
+            for metric in used(expr) {
+                assert!(
+                    known.contains(metric.as_str()),
+                    "{metric} (panel {})",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    assert!(queries >= 20, "{queries} queries");
+    let alerts = include_str!("../../../deploy/observability/alerts.yml");
+    for metric in used(alerts) {
+        assert!(known.contains(metric.as_str()), "{metric} in alerts.yml");
+    }
+}
