@@ -539,7 +539,8 @@ impl Proxy {
             };
         }
         if !routed.route.aggregate.is_empty() {
-            let headers = upstream_headers(parts.headers.clone(), host, client);
+            let traceparent = parts.extensions.get::<Traceparent>().map(|t| t.0.clone());
+            let headers = upstream_headers(parts.headers.clone(), host, client, traceparent);
             return self.aggregate(&routed, headers).await;
         }
         let Some(cluster) = self.clusters.get(&*routed.cluster) else {
@@ -591,7 +592,13 @@ impl Proxy {
             // client's end of the connection is taken over once the upstream agrees.
             let websocket = websocket_upgrade(&parts.headers);
             let length = body_length(&parts.headers);
-            let mut headers = upstream_headers(std::mem::take(&mut parts.headers), host, client);
+            let traceparent = parts.extensions.get::<Traceparent>().map(|t| t.0.clone());
+            let mut headers = upstream_headers(
+                std::mem::take(&mut parts.headers),
+                host,
+                client,
+                traceparent,
+            );
             let client_upgrade = match &websocket {
                 Some(protocol) => {
                     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -895,11 +902,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The `traceparent` of the gateway's span for a request (set by the request id
+/// layer; the proxy hands it upstream).
+#[derive(Debug, Clone)]
+pub struct Traceparent(pub HeaderValue);
+
 /// The headers upstream: the client's, less the hop-by-hop ones, plus the gateway's.
 fn upstream_headers(
     mut headers: HeaderMap,
     host: Option<HeaderValue>,
     client: SocketAddr,
+    traceparent: Option<HeaderValue>,
 ) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     let forwarded_for = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -914,16 +927,17 @@ fn upstream_headers(
         headers.insert(X_FORWARDED_HOST, host);
     }
     // The request id layer has set X-Request-ID already: it goes on as it is. The
-    // upstream continues the gateway's span; without a tracer installed (the gateway
-    // as a library), a span id of the gateway's own in the caller's trace.
-    let traceparent = eventyr_telemetry::trace::current_traceparent().unwrap_or_else(|| {
+    // upstream continues the gateway's span (`traceparent`, from the request id layer);
+    // without a tracer installed (the gateway as a library), a span id of the
+    // gateway's own in the caller's trace.
+    let traceparent = traceparent.or_else(|| {
         let parent = headers
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
-        gateway_span(parent)
+        HeaderValue::from_str(&gateway_span(parent)).ok()
     });
-    if let Ok(value) = HeaderValue::from_str(&traceparent) {
+    if let Some(value) = traceparent {
         headers.insert(TRACEPARENT, value);
     }
     headers
@@ -935,7 +949,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// (trace id, flags) of a valid W3C traceparent (version 00).
-fn parse_traceparent(value: &str) -> Option<([u8; 32], [u8; 2])> {
+pub(crate) fn parse_traceparent(value: &str) -> Option<([u8; 32], [u8; 2])> {
     let mut parts = value.trim().split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
@@ -961,7 +975,7 @@ fn parse_traceparent(value: &str) -> Option<([u8; 32], [u8; 2])> {
 
 /// The traceparent of the gateway's own span: the caller's trace (or a new one,
 /// sampled), a new span id.
-fn gateway_span(parent: Option<([u8; 32], [u8; 2])>) -> String {
+pub(crate) fn gateway_span(parent: Option<([u8; 32], [u8; 2])>) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(55);
     out.push_str("00-");

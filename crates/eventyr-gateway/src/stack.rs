@@ -22,7 +22,7 @@ use tower::{Layer, Service, ServiceBuilder};
 
 use crate::auth::Authenticated;
 use crate::config::CorsConfig;
-use crate::proxy::{Body, Proxy, error};
+use crate::proxy::{Body, Proxy, Traceparent, error};
 use crate::route::RequestHead;
 
 /// A service of the stack (the whole of it, or the rest of it after a layer): cheap to
@@ -226,7 +226,9 @@ where
 /// Keeps the client's `X-Request-ID` if it is sane (1 to 200 visible characters),
 /// else gives the request a new one (UUIDv7), and runs the request in the gateway's
 /// server span, which continues the client's `traceparent` (the proxy hands the span
-/// on upstream). The answer carries `X-Request-ID` and `X-Trace-ID`.
+/// on upstream). The answer carries `X-Request-ID` and `X-Trace-ID`. When no span is
+/// recorded (no exporter), the hop gets a span id of its own without a span: a span
+/// costs about a third of the gateway's throughput.
 async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body> {
     use eventyr_telemetry::trace;
     use tracing::Instrument as _;
@@ -245,6 +247,32 @@ async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body
         }
     }
     let id = request.headers().get(X_REQUEST_ID).cloned();
+    if !trace::recording() {
+        // No span is recorded: the gateway's hop gets ids of its own, without the cost
+        // of a span; log lines and error bodies find them in the request's task.
+        let parent = trace::extract(request.headers()).and_then(crate::proxy::parse_traceparent);
+        let traceparent = crate::proxy::gateway_span(parent);
+        if let Ok(value) = HeaderValue::from_str(&traceparent) {
+            request.extensions_mut().insert(Traceparent(value));
+        }
+        let hop = trace::Hop {
+            traceparent,
+            request_id: id.as_ref().and_then(|v| v.to_str().ok()).map(str::to_owned),
+        };
+        let trace_id = hop
+            .traceparent
+            .get(3..35)
+            .and_then(|t| HeaderValue::from_str(t).ok());
+        let mut response = trace::in_hop(hop, next.run(request)).await;
+        let headers = response.headers_mut();
+        if let Some(id) = id {
+            headers.insert(X_REQUEST_ID, id);
+        }
+        if let Some(trace_id) = trace_id {
+            headers.insert(trace::X_TRACE_ID, trace_id);
+        }
+        return response;
+    }
     // The route is known once routed: the span is named by the method until then.
     let method = method_label(request.method());
     let span = trace::server(
@@ -254,6 +282,14 @@ async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body
         trace::extract(request.headers()),
         id.as_ref().and_then(|v| v.to_str().ok()),
     );
+    // The span's context, made once: upstream (the proxy) and on the answer.
+    let traceparent = trace::traceparent_of(&span);
+    if let Some(value) = traceparent
+        .as_deref()
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
+        request.extensions_mut().insert(Traceparent(value));
+    }
     let mut response = next.run(request).instrument(span.clone()).await;
     if let Some(route) = response.extensions().get::<RouteName>() {
         trace::record_route(&span, method, &route.0);
@@ -263,7 +299,12 @@ async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body
     if let Some(id) = id {
         headers.insert(X_REQUEST_ID, id);
     }
-    if let Some(value) = trace::trace_id_of(&span).and_then(|t| HeaderValue::from_str(&t).ok()) {
+    // `00-<trace id>-<span id>-<flags>`.
+    if let Some(value) = traceparent
+        .as_deref()
+        .and_then(|t| t.get(3..35))
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
         headers.insert(trace::X_TRACE_ID, value);
     }
     response

@@ -336,7 +336,7 @@ impl Faults {
 /// Runs each request of `router` in a server span of `service` (named by the matched
 /// route's template, never the raw path) that continues the caller's `traceparent`;
 /// keeps the caller's `X-Request-ID` (or makes one) and answers with it and with
-/// `X-Trace-ID`.
+/// `X-Trace-ID`. Probes (`/health/*`) and `/metrics` are not traced.
 pub fn traced(service: &'static str, router: Router) -> Router {
     router.layer(axum::middleware::from_fn(
         move |request: Request, next: Next| trace_request(service, request, next),
@@ -352,6 +352,11 @@ async fn trace_request(service: &'static str, mut request: Request, next: Next) 
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |path| path.as_str())
         .to_owned();
+    // Probes and scrapes come every few seconds and say nothing about a request: no
+    // trace of their own.
+    if route.starts_with("/health/") || route == "/metrics" {
+        return next.run(request).await;
+    }
     let headers = request.headers_mut();
     let request_id = match headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
         Some(id) if valid_request_id(id) => id.to_owned(),

@@ -18,7 +18,7 @@ pub use metrics_exporter_prometheus::PrometheusHandle;
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Level;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -127,7 +127,16 @@ pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(settings.service_name.clone())
         .build();
-    let mut provider = SdkTracerProvider::builder().with_resource(resource);
+    // Without an exporter nothing is recorded (the ids are still made: logs, answers
+    // and the next hop need them), which keeps a span cheap.
+    let sampler = if exporting {
+        Sampler::ParentBased(Box::new(Sampler::AlwaysOn))
+    } else {
+        Sampler::AlwaysOff
+    };
+    let mut provider = SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_sampler(sampler);
     if exporting {
         let mut exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -143,8 +152,15 @@ pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
     let provider = provider.build();
     // Spans are always made (they give logs and responses their trace ids), whatever
     // the log filter; warnings and errors also become span events.
+    // What the spans do not need, left out: the time between polls, an OpenTelemetry
+    // context attached at every enter (nothing reads it: the context travels through
+    // `trace`), the source location and thread of every span.
     let spans = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("eventyr"))
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+        .with_location(false)
+        .with_threads(false)
         .with_filter(SpansAndWarnings);
     let json = match settings.log_format {
         LogFormat::Json => true,
@@ -154,6 +170,9 @@ pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
     let lines = if json {
         tracing_subscriber::fmt::layer()
             .event_format(logs::JsonLines)
+            // JsonLines takes the ids from the spans' own data: their fields need not
+            // be formatted for every span.
+            .fmt_fields(logs::NoSpanFields)
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed()
@@ -169,6 +188,7 @@ pub fn init(settings: &Settings) -> Result<Telemetry, TelemetryError> {
         .with(lines)
         .try_init()
         .map_err(|_| TelemetryError::Installed)?;
+    trace::set_recording(exporting);
     Ok(Telemetry {
         provider,
         exporting,

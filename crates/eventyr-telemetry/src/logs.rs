@@ -97,6 +97,12 @@ where
                 }
             }
         }
+        // A request handled without a span carries its ids in its task (a `Hop`).
+        if inherited.0[0].is_none()
+            && let Some((trace, span, request)) = crate::trace::hop_ids()
+        {
+            inherited.0 = [Some(trace), Some(span), request];
+        }
         for (name, value) in INHERITED.iter().zip(inherited.0) {
             if let Some(value) = value
                 && !fields.0.iter().any(|(field, _)| field == name)
@@ -117,6 +123,20 @@ where
         }
         line.push('}');
         writeln!(writer, "{line}")
+    }
+}
+
+/// Formats no fields: span fields are not needed by [`JsonLines`], which writes the
+/// event's own.
+pub(crate) struct NoSpanFields;
+
+impl<'writer> FormatFields<'writer> for NoSpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        _: Writer<'writer>,
+        _: R,
+    ) -> fmt::Result {
+        Ok(())
     }
 }
 

@@ -8,12 +8,56 @@
 //! [`crate::init`] installs (a library's own tests), spans are inert and every function
 //! here answers `None`.
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tracing::Span;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Whether spans are recorded (an exporter takes them). Without, a hot path may carry
+/// its ids in a [`Hop`] instead of a span: spans cost a few microseconds each.
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn set_recording(recording: bool) {
+    RECORDING.store(recording, Ordering::Relaxed);
+}
+
+/// Whether spans are recorded (see [`in_hop`]).
+pub fn recording() -> bool {
+    RECORDING.load(Ordering::Relaxed)
+}
+
+/// The ids of a request handled without a span of its own: its `traceparent` (the
+/// trace and the hop's span id) and its request id. Log lines, error bodies and
+/// [`current_traceparent`] inside [`in_hop`] take them when no span has ids.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    pub traceparent: String,
+    pub request_id: Option<String>,
+}
+
+tokio::task_local! {
+    static HOP: Hop;
+}
+
+/// Runs `future` as the request `hop` (a task-local: it costs next to nothing).
+pub async fn in_hop<F: Future>(hop: Hop, future: F) -> F::Output {
+    HOP.scope(hop, future).await
+}
+
+/// The current hop's (trace id, span id, request id), inside [`in_hop`].
+pub(crate) fn hop_ids() -> Option<(String, String, Option<String>)> {
+    HOP.try_with(|hop| {
+        let trace = hop.traceparent.get(3..35)?;
+        let span = hop.traceparent.get(36..52)?;
+        Some((trace.to_owned(), span.to_owned(), hop.request_id.clone()))
+    })
+    .ok()
+    .flatten()
+}
 
 /// The `traceparent` header's name.
 pub const TRACEPARENT: &str = "traceparent";
@@ -130,13 +174,17 @@ fn continue_trace(span: &Span, traceparent: Option<&str>) {
 }
 
 fn record_ids(span: &Span) {
-    let context = span.context();
-    let span_ref = context.span();
-    let ids = span_ref.span_context();
-    if ids.is_valid() {
+    if let Some(ids) = span_context(span) {
         span.record("trace_id", ids.trace_id().to_string());
         span.record("span_id", ids.span_id().to_string());
     }
+}
+
+/// `span`'s OpenTelemetry ids, if it has valid ones.
+fn span_context(span: &Span) -> Option<opentelemetry::trace::SpanContext> {
+    let context = span.context();
+    let ids = context.span().span_context().clone();
+    ids.is_valid().then_some(ids)
 }
 
 /// The remote parent in a `traceparent` value, if it is a valid one.
@@ -148,31 +196,29 @@ fn remote_context(traceparent: &str) -> Option<opentelemetry::Context> {
 
 /// `span`'s context as a `traceparent` value, to hand to the next hop.
 pub fn traceparent_of(span: &Span) -> Option<String> {
-    let context = span.context();
-    if !context.span().span_context().is_valid() {
-        return None;
-    }
-    let mut carrier = Captured(None);
-    TraceContextPropagator::new().inject_context(&context, &mut carrier);
-    carrier.0
+    span_context(span).map(|ids| {
+        format!(
+            "00-{}-{}-{:02x}",
+            ids.trace_id(),
+            ids.span_id(),
+            ids.trace_flags().to_u8()
+        )
+    })
 }
 
-/// The current span's context as a `traceparent` value.
+/// The current span's context as a `traceparent` value (or the current [`Hop`]'s).
 pub fn current_traceparent() -> Option<String> {
-    traceparent_of(&Span::current())
+    traceparent_of(&Span::current()).or_else(|| HOP.try_with(|hop| hop.traceparent.clone()).ok())
 }
 
 /// The current trace's id (32 hex digits), for error bodies and `X-Trace-ID`.
 pub fn current_trace_id() -> Option<String> {
-    trace_id_of(&Span::current())
+    trace_id_of(&Span::current()).or_else(|| hop_ids().map(|(trace, _, _)| trace))
 }
 
 /// `span`'s trace id (32 hex digits).
 pub fn trace_id_of(span: &Span) -> Option<String> {
-    let context = span.context();
-    let span_ref = context.span();
-    let ids = span_ref.span_context();
-    ids.is_valid().then(|| ids.trace_id().to_string())
+    span_context(span).map(|ids| ids.trace_id().to_string())
 }
 
 /// Puts the current span's `traceparent` into outgoing `headers` (replacing one there).
@@ -204,16 +250,6 @@ impl Extractor for One<'_> {
 
     fn keys(&self) -> Vec<&str> {
         vec![TRACEPARENT]
-    }
-}
-
-struct Captured(Option<String>);
-
-impl Injector for Captured {
-    fn set(&mut self, key: &str, value: String) {
-        if key == TRACEPARENT {
-            self.0 = Some(value);
-        }
     }
 }
 

@@ -440,13 +440,23 @@ async fn the_standalone_gateway_serves_metrics_that_promtool_accepts() {
                 config.to_str().expect("utf-8"),
                 "--listen",
                 "127.0.0.1:0",
+                "--log",
+                "info,eventyr_gateway::access=info",
             ],
         )
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("eventyr gateway starts"),
     );
+    let stderr = gateway.stderr.take().expect("stderr");
+    let logs = Arc::new(Mutex::new(Vec::<String>::new()));
+    let kept = Arc::clone(&logs);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            kept.lock().expect("lock").push(line);
+        }
+    });
     let stdout = gateway.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let (mut public, mut admin) = (None, None);
@@ -463,13 +473,46 @@ async fn the_standalone_gateway_serves_metrics_that_promtool_accepts() {
         }
     }
     let (public, admin) = (public.expect("public"), admin.expect("admin"));
-    for _ in 0..3 {
-        let response = reqwest::get(format!("{public}/hello"))
+    // No exporter: the gateway gives each request ids without a span of its own; the
+    // answer, the access log line and an error body all name the same trace.
+    let mut traces = Vec::new();
+    for i in 0..3 {
+        let response = reqwest::Client::new()
+            .get(format!("{public}/hello"))
+            .header("x-request-id", format!("standalone-{i}"))
+            .send()
             .await
             .expect("proxied");
         assert_eq!(response.status(), 200);
-        assert!(response.headers().contains_key("x-trace-id"));
+        traces.push(header(&response, "x-trace-id").expect("X-Trace-ID"));
     }
+    common::wait_for("the access log lines", async || {
+        logs.lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains("standalone-2"))
+    })
+    .await;
+    let logged = logs.lock().expect("lock").clone();
+    for (i, trace_id) in traces.iter().enumerate() {
+        let line = logged
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["request_id"] == format!("standalone-{i}"))
+            .unwrap_or_else(|| panic!("no access log line of request {i}: {logged:#?}"));
+        assert_eq!(line["trace_id"], trace_id.as_str(), "{line}");
+    }
+    // An answer of the gateway's own (the body is over its limit).
+    let refused = reqwest::Client::new()
+        .post(format!("{public}/hello"))
+        .body(vec![b'x'; 11 << 20])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(refused.status(), 413);
+    let trace_id = header(&refused, "x-trace-id").expect("X-Trace-ID");
+    let body: Value = refused.json().await.expect("a JSON error");
+    assert_eq!(body["trace_id"], trace_id.as_str(), "{body}");
     let url = format!("{admin}/metrics");
     let text = scrape(&url).await;
     promtool_check(&url, &text);
