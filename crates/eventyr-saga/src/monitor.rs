@@ -71,18 +71,13 @@ struct State {
     events: u64,
 }
 
-/// One saga in a table.
+/// One saga in a table: its summary, and how long it has taken.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SagaLine {
-    pub id: String,
-    pub saga_type: String,
-    pub status: SagaStatus,
-    pub flagged: bool,
-    pub started_at: Timestamp,
-    pub updated_at: Timestamp,
+    #[serde(flatten)]
+    pub saga: SagaSummary,
     /// From start to now (running) or to its end (finished).
     pub duration_ms: u64,
-    pub reason: Option<String>,
 }
 
 /// Sagas started and finished in one minute.
@@ -257,7 +252,7 @@ impl SagaMonitor {
                 stuck.push(line(saga, now));
             }
         }
-        stuck.sort_by_key(|s| s.started_at);
+        stuck.sort_by_key(|s| s.saga.started_at);
         let mut recent: Vec<&SagaSummary> = state.sagas.values().collect();
         recent.sort_unstable_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
         let recent = recent
@@ -347,15 +342,9 @@ fn line(saga: &SagaSummary, now: Timestamp) -> SagaLine {
         now
     };
     SagaLine {
-        id: saga.id.clone(),
-        saga_type: saga.saga_type.clone(),
-        status: saga.status,
-        flagged: saga.flagged,
-        started_at: saga.started_at,
-        updated_at: saga.updated_at,
+        saga: saga.clone(),
         duration_ms: u64::try_from(end.duration_since(saga.started_at).as_millis())
             .unwrap_or(u64::MAX),
-        reason: saga.reason.clone(),
     }
 }
 
@@ -425,9 +414,9 @@ mod tests {
         assert_eq!(figures.duration_avg_ms, Some(sum / 22.0 * 1000.0));
         // The 21st of 22 sorted durations.
         assert_eq!(figures.duration_p95_ms, Some(40_000.0));
-        let stuck: Vec<&str> = figures.stuck.iter().map(|s| s.id.as_str()).collect();
+        let stuck: Vec<&str> = figures.stuck.iter().map(|s| s.saga.id.as_str()).collect();
         assert_eq!(stuck, ["late"]);
-        assert_eq!(figures.recent[0].id, "young");
+        assert_eq!(figures.recent[0].saga.id, "young");
         assert_eq!(figures.recent.len(), 24);
         assert_eq!(figures.per_minute.len(), 60);
         let counted: u32 = figures.per_minute.iter().map(|m| m.started).sum();

@@ -9,9 +9,9 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{login, up_with};
+use common::{get_json, login, up_with};
 use fantoccini::{ClientBuilder, Locator};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// chromedriver as a child process, killed when dropped.
 struct Driver(Child);
@@ -112,20 +112,15 @@ async fn the_dashboard_shows_live_saga_figures_that_match_the_admin_api() {
         .for_element(Locator::Css("#login-form"))
         .await
         .expect("the login form");
-    browser
-        .find(Locator::Id("username"))
-        .await
-        .expect("user field")
-        .send_keys("admin")
-        .await
-        .expect("type");
-    browser
-        .find(Locator::Id("password"))
-        .await
-        .expect("password field")
-        .send_keys("admin")
-        .await
-        .expect("type");
+    for field in ["username", "password"] {
+        browser
+            .find(Locator::Id(field))
+            .await
+            .expect("the field")
+            .send_keys("admin")
+            .await
+            .expect("type");
+    }
     browser
         .find(Locator::Css("#login-form button[type=submit]"))
         .await
@@ -136,7 +131,6 @@ async fn the_dashboard_shows_live_saga_figures_that_match_the_admin_api() {
 
     // The saga panel's counts equal what /admin/sagas lists, status by status.
     let token = login(&gateway, "admin").await;
-    let client = reqwest::Client::new();
     let mut expected = Vec::new();
     for status in [
         "STARTED",
@@ -146,16 +140,13 @@ async fn the_dashboard_shows_live_saga_figures_that_match_the_admin_api() {
         "COMPENSATED",
         "FAILED",
     ] {
-        let listed: Vec<Value> = client
-            .get(format!("{gateway}/admin/sagas?status={status}&limit=1000"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
-        expected.push((status, listed.len() as u64));
+        let listed = get_json(
+            &format!("{gateway}/admin/sagas?status={status}&limit=1000"),
+            &token,
+        )
+        .await;
+        let listed = listed.as_array().map_or(0, Vec::len);
+        expected.push((status, listed as u64));
     }
     let total: u64 = expected.iter().map(|(_, n)| n).sum();
     assert_eq!(total, 40, "the demo's sagas: {expected:?}");
@@ -242,15 +233,7 @@ async fn the_dashboard_shows_live_saga_figures_that_match_the_admin_api() {
         .await
         .expect("rows")
         .len();
-    let saga: Value = client
-        .get(format!("{gateway}/admin/sagas/{saga_id}"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let saga = get_json(&format!("{gateway}/admin/sagas/{saga_id}"), &token).await;
     assert_eq!(
         events,
         saga["events"].as_array().map_or(0, Vec::len),
@@ -259,15 +242,7 @@ async fn the_dashboard_shows_live_saga_figures_that_match_the_admin_api() {
 
     // A projection rebuilt from its panel: a new generation takes over.
     let generation = || async {
-        let projections: Value = client
-            .get(format!("{gateway}/admin/projections"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+        let projections = get_json(&format!("{gateway}/admin/projections"), &token).await;
         projections
             .as_array()
             .and_then(|all| all.iter().find(|p| p["name"] == "orders"))

@@ -148,15 +148,7 @@ async fn one_trace_follows_an_order_across_the_gateway_the_saga_http_and_the_bus
     let placed: Value = response.json().await.expect("json");
     let order_id = placed["order_id"].as_str().expect("id").to_owned();
     common::wait_for("the order completes", async || {
-        let order: Value = client
-            .get(format!("{gateway}/api/orders/{order_id}"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .unwrap_or(Value::Null);
+        let order = common::get_json(&format!("{gateway}/api/orders/{order_id}"), &token).await;
         order["status"] == "COMPLETED"
     })
     .await;

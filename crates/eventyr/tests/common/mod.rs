@@ -132,3 +132,16 @@ pub async fn login(gateway: &str, user: &str) -> String {
     let pair: Value = response.json().await.expect("json");
     pair["access_token"].as_str().expect("a token").to_owned()
 }
+
+/// `GET url` with a bearer token: the JSON answer.
+pub async fn get_json(url: &str, token: &str) -> Value {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
