@@ -231,7 +231,7 @@ async fn render(State(probes): State<Probes>) -> Response {
     match probes.metrics {
         Some(handle) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
+            eventyr_telemetry::render(&handle),
         )
             .into_response(),
         // No recorder in this process (a test): an empty exposition.

@@ -53,7 +53,20 @@ pub fn install_prometheus() -> Result<PrometheusHandle, TelemetryError> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)?
         .install_recorder()?;
     names::describe();
+    process_metrics().describe();
     Ok(handle)
+}
+
+/// The exposition for `/metrics`: every metric, with the process's own (CPU seconds,
+/// resident memory, open files, threads, start time) read as of now.
+pub fn render(handle: &PrometheusHandle) -> String {
+    process_metrics().collect();
+    handle.render()
+}
+
+fn process_metrics() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
 }
 
 /// How log lines look.

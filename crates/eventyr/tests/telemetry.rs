@@ -338,6 +338,8 @@ async fn one_trace_follows_an_order_across_the_gateway_the_saga_http_and_the_bus
             "eventyr_saga_started_total",
             "eventyr_saga_duration_seconds",
             "eventyr_gateway_ratelimit_decisions_total",
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),
