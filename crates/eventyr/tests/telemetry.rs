@@ -111,14 +111,7 @@ async fn one_trace_follows_an_order_across_the_gateway_the_saga_http_and_the_bus
         Stdio::piped(),
     );
     // Standard error is a pipe: JSON lines, kept for the checks below.
-    let stderr = system.stderr.take().expect("stderr");
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let kept = Arc::clone(&lines);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            kept.lock().expect("lock").push(line);
-        }
-    });
+    let lines = kept_lines(system.stderr.take().expect("stderr"));
     let gateway = &services["gateway"];
     let token = login(gateway, "alice").await;
     let client = reqwest::Client::new();
@@ -306,20 +299,14 @@ async fn one_trace_follows_an_order_across_the_gateway_the_saga_http_and_the_bus
         .send()
         .await
         .expect("send");
-    assert_eq!(missing.status(), 404);
-    let trace_header = header(&missing, "x-trace-id").expect("X-Trace-ID");
-    let body: Value = missing.json().await.expect("json");
-    assert_eq!(body["trace_id"], trace_header.as_str(), "{body}");
+    error_names_its_trace(missing, 404).await;
     // Also when the gateway itself answers (401 without a token).
     let refused = client
         .get(format!("{gateway}/api/orders/{order_id}"))
         .send()
         .await
         .expect("send");
-    assert_eq!(refused.status(), 401);
-    let trace_header = header(&refused, "x-trace-id").expect("X-Trace-ID");
-    let body: Value = refused.json().await.expect("json");
-    assert_eq!(body["trace_id"], trace_header.as_str(), "{body}");
+    error_names_its_trace(refused, 401).await;
 
     // Every listener of the process serves the same metrics; promtool finds no fault
     // in them, and the families of every part are there.
@@ -349,6 +336,27 @@ async fn one_trace_follows_an_order_across_the_gateway_the_saga_http_and_the_bus
     }
     system.kill().expect("stop");
     system.wait().expect("reaped");
+}
+
+/// The lines a child writes to `stderr`, kept as they come.
+fn kept_lines(stderr: std::process::ChildStderr) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let kept = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            kept.lock().expect("lock").push(line);
+        }
+    });
+    lines
+}
+
+/// An error answer has `status`, and its JSON body names the trace its `X-Trace-ID`
+/// names.
+async fn error_names_its_trace(response: reqwest::Response, status: u16) {
+    assert_eq!(response.status(), status);
+    let trace_id = header(&response, "x-trace-id").expect("X-Trace-ID");
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert_eq!(body["trace_id"], trace_id.as_str(), "{body}");
 }
 
 fn header(response: &reqwest::Response, name: &str) -> Option<String> {
@@ -443,14 +451,7 @@ async fn the_standalone_gateway_serves_metrics_that_promtool_accepts() {
         .spawn()
         .expect("eventyr gateway starts"),
     );
-    let stderr = gateway.stderr.take().expect("stderr");
-    let logs = Arc::new(Mutex::new(Vec::<String>::new()));
-    let kept = Arc::clone(&logs);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            kept.lock().expect("lock").push(line);
-        }
-    });
+    let logs = kept_lines(gateway.stderr.take().expect("stderr"));
     let stdout = gateway.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let (mut public, mut admin) = (None, None);
@@ -503,10 +504,7 @@ async fn the_standalone_gateway_serves_metrics_that_promtool_accepts() {
         .send()
         .await
         .expect("send");
-    assert_eq!(refused.status(), 413);
-    let trace_id = header(&refused, "x-trace-id").expect("X-Trace-ID");
-    let body: Value = refused.json().await.expect("a JSON error");
-    assert_eq!(body["trace_id"], trace_id.as_str(), "{body}");
+    error_names_its_trace(refused, 413).await;
     let url = format!("{admin}/metrics");
     let text = scrape(&url).await;
     promtool_check(&url, &text);
