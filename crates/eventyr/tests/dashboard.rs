@@ -1,7 +1,8 @@
 //! The dashboard in a real browser: headless Chromium, driven over WebDriver
 //! (chromedriver), against `eventyr up` after a short demo. It logs in, checks that the
-//! saga panel's counts match `/admin/sagas`, that the page updates live, opens one
-//! saga's timeline, rebuilds a projection from its panel, and saves a screenshot
+//! saga panel's counts match `/admin/sagas`, that an expired access token is renewed,
+//! that the page updates live, opens one saga's timeline, rebuilds a projection from
+//! its panel, and saves a screenshot
 //! (`$CARGO_TARGET_TMPDIR/dashboard.png`).
 
 mod common;
@@ -163,6 +164,36 @@ async fn the_dashboard_shows_live_saga_figures_that_match_the_admin_api() {
         shown(&browser, "[data-count=\"total\"]").await == Some(total)
     })
     .await;
+
+    // An access token refused (as after its 15 minutes) is renewed with the refresh
+    // token: the page reloads and goes on, without the login form.
+    browser
+        .execute(
+            "sessionStorage.setItem('eventyr.dashboard.token', 'expired'); location.reload();",
+            Vec::new(),
+        )
+        .await
+        .expect("spoil the access token");
+    common::wait_for("the page goes on with a renewed token", async || {
+        let token = browser
+            .execute(
+                "return sessionStorage.getItem('eventyr.dashboard.token')",
+                Vec::new(),
+            )
+            .await
+            .ok();
+        let renewed = token.is_some_and(|t| t.as_str().is_some_and(|t| t != "expired"));
+        renewed && shown(&browser, "[data-count=\"total\"]").await == Some(total)
+    })
+    .await;
+    let login_shown = browser
+        .find(Locator::Id("login"))
+        .await
+        .expect("the login section")
+        .is_displayed()
+        .await
+        .expect("displayed?");
+    assert!(!login_shown, "no login form after a renewal");
 
     // Live: a new snapshot arrives within 2 s.
     let updated = || async {

@@ -4,7 +4,9 @@
 "use strict";
 
 const TOKEN = "eventyr.dashboard.token";
+const REFRESH = "eventyr.dashboard.refresh";
 let token = sessionStorage.getItem(TOKEN);
+let refreshToken = sessionStorage.getItem(REFRESH);
 // The saga whose timeline is open, and its last change as shown.
 let openSaga = null;
 let openSagaUpdated = null;
@@ -54,7 +56,9 @@ function tile(label, value, cls = "", attrs = "") {
 
 function showLogin(message = "") {
   token = null;
+  refreshToken = null;
   sessionStorage.removeItem(TOKEN);
+  sessionStorage.removeItem(REFRESH);
   $("board").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
@@ -74,21 +78,50 @@ $("login-form").addEventListener("submit", async (event) => {
     $("login-error").textContent = body.message || `login failed (${response.status})`;
     return;
   }
-  token = body.access_token;
-  sessionStorage.setItem(TOKEN, token);
+  keep(body);
   start();
 });
+
+// The token pair of a login or a refresh.
+function keep(pair) {
+  token = pair.access_token;
+  refreshToken = pair.refresh_token;
+  sessionStorage.setItem(TOKEN, token);
+  sessionStorage.setItem(REFRESH, refreshToken);
+}
+
+// Access tokens last 15 minutes: a refused one is renewed with the refresh token, one
+// refresh at a time (refresh tokens rotate; a spent one presented again would revoke
+// the session).
+let refreshing = null;
+function refresh() {
+  if (!refreshToken) return Promise.resolve(false);
+  refreshing ??= (async () => {
+    const response = await fetch("/auth/refresh", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ refresh_token: refreshToken }),
+    }).catch(() => null);
+    if (!response || !response.ok) return false;
+    keep(await response.json());
+    return true;
+  })().finally(() => { refreshing = null; });
+  return refreshing;
+}
 
 $("logout").addEventListener("click", async () => {
   await fetch("/auth/logout", { method: "POST", headers: { authorization: `Bearer ${token}` } }).catch(() => {});
   showLogin();
 });
 
-async function api(path, options = {}) {
+async function api(path, options = {}, renewed = false) {
   const response = await fetch(path, {
     ...options,
     headers: { ...(options.headers || {}), authorization: `Bearer ${token}` },
   });
+  if (response.status === 401 && !renewed && (await refresh())) {
+    return api(path, options, true);
+  }
   if (response.status === 401) {
     showLogin("Your session ended; log in again.");
     throw new Error("unauthorized");
