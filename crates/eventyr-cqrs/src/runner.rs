@@ -24,6 +24,7 @@ use eventyr_telemetry::names;
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 
 use crate::projection::Projection;
 use crate::upcast::Upcasters;
@@ -469,6 +470,22 @@ impl Driver {
 
     /// Applies `batch` to `target` and moves its checkpoint to `to`, in one transaction.
     async fn apply(
+        &self,
+        target: &mut Target,
+        batch: &[RecordedEvent],
+        to: Position,
+    ) -> Result<(), StoreError> {
+        // A span of its own, linked to each applied event's trace.
+        let span = eventyr_telemetry::trace::projection_batch(
+            &self.name,
+            batch
+                .iter()
+                .filter_map(|e| e.metadata.traceparent.as_deref()),
+        );
+        self.apply_in(target, batch, to).instrument(span).await
+    }
+
+    async fn apply_in(
         &self,
         target: &mut Target,
         batch: &[RecordedEvent],

@@ -127,6 +127,30 @@ pub fn consumer(consumer: &str, event_type: &str, traceparent: Option<&str>) -> 
     span
 }
 
+/// The most events a projection batch's span links to.
+const LINKS_MAX: usize = 128;
+
+/// A batch of events applied by a projection (`otel.kind = consumer`): a trace of its
+/// own — a batch mixes many — linked to the context of each event it applies (the
+/// first 128).
+pub fn projection_batch<'a>(projection: &str, traceparents: impl Iterator<Item = &'a str>) -> Span {
+    let span = tracing::info_span!(
+        "projection.apply",
+        otel.name = format!("project {projection}"),
+        otel.kind = "consumer",
+        projection = projection,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    for traceparent in traceparents.take(LINKS_MAX) {
+        if let Some(context) = remote_context(traceparent) {
+            span.add_link(context.span().span_context().clone());
+        }
+    }
+    record_ids(&span);
+    span
+}
+
 /// A saga's life in the engine that runs it, under the trace that started it.
 pub fn saga(saga_type: &str, saga_id: &str, traceparent: Option<&str>) -> Span {
     let span = tracing::info_span!(

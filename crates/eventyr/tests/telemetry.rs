@@ -1,7 +1,8 @@
 //! Traces, logs and metrics of `eventyr up` as an operator sees them: spans exported
 //! over OTLP/HTTP to a receiver in this test form one trace per order — the gateway,
 //! the order API, the saga, each step and the participants that carry it out, over
-//! HTTP and over the bus — and the log lines and error bodies name that trace.
+//! HTTP and over the bus; the projection's batch links to it — and the log lines and
+//! error bodies name that trace.
 
 mod common;
 
@@ -28,6 +29,8 @@ struct Span {
     name: String,
     kind: i32,
     attributes: HashMap<String, String>,
+    /// The trace ids this span links to.
+    links: Vec<String>,
 }
 
 impl Span {
@@ -68,6 +71,7 @@ async fn receiver() -> (String, Received) {
                         name: span.name,
                         kind: span.kind,
                         attributes,
+                        links: span.links.iter().map(|l| hex(&l.trace_id)).collect(),
                     });
                 }
             }
@@ -278,6 +282,17 @@ async fn one_trace_follows_an_order_across_the_gateway_the_saga_http_and_the_bus
         });
         assert_eq!(replied.kind, CONSUMER);
     }
+
+    // The order list's projection applies the order's events in a batch of its own,
+    // linked to the order's trace.
+    common::wait_for("the projection's batch span is exported", async || {
+        received
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|s| s.name == "project orders" && s.links.contains(&trace_id))
+    })
+    .await;
 
     // Log lines name their trace, span and request.
     let logged = lines.lock().expect("lock").clone();
