@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use eventyr_telemetry::names;
+use eventyr_telemetry::{names, trace};
 use futures::future::BoxFuture;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -63,7 +63,7 @@ impl Service<Request<Incoming>> for Stack {
 }
 
 // Header names the layers use on every request, made once.
-const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static(trace::X_REQUEST_ID);
 const X_USER_ID: http::HeaderName = http::HeaderName::from_static("x-user-id");
 const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
@@ -230,15 +230,12 @@ where
 /// recorded (no exporter), the hop gets a span id of its own without a span: a span
 /// costs about a third of the gateway's throughput.
 async fn request_id(mut request: Request<Incoming>, next: Next) -> Response<Body> {
-    use eventyr_telemetry::trace;
     use tracing::Instrument as _;
     let sane = request
         .headers()
         .get(X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|id| {
-            (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
-        });
+        .is_some_and(trace::valid_request_id);
     if !sane {
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text);

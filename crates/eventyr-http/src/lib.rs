@@ -343,8 +343,6 @@ pub fn traced(service: &'static str, router: Router) -> Router {
     ))
 }
 
-const X_REQUEST_ID: &str = "x-request-id";
-
 async fn trace_request(service: &'static str, mut request: Request, next: Next) -> Response {
     use tracing::Instrument as _;
     let route = request
@@ -358,12 +356,15 @@ async fn trace_request(service: &'static str, mut request: Request, next: Next) 
         return next.run(request).await;
     }
     let headers = request.headers_mut();
-    let request_id = match headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(id) if valid_request_id(id) => id.to_owned(),
+    let request_id = match headers
+        .get(eventyr_telemetry::trace::X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(id) if eventyr_telemetry::trace::valid_request_id(id) => id.to_owned(),
         _ => {
             let id = uuid::Uuid::now_v7().to_string();
             if let Ok(value) = header::HeaderValue::from_str(&id) {
-                headers.insert(X_REQUEST_ID, value);
+                headers.insert(eventyr_telemetry::trace::X_REQUEST_ID, value);
             }
             id
         }
@@ -379,7 +380,7 @@ async fn trace_request(service: &'static str, mut request: Request, next: Next) 
     eventyr_telemetry::trace::record_status(&span, response.status().as_u16());
     let headers = response.headers_mut();
     if let Ok(value) = header::HeaderValue::from_str(&request_id) {
-        headers.insert(X_REQUEST_ID, value);
+        headers.insert(eventyr_telemetry::trace::X_REQUEST_ID, value);
     }
     if let Some(value) = eventyr_telemetry::trace::trace_id_of(&span)
         .and_then(|id| header::HeaderValue::from_str(&id).ok())
@@ -387,11 +388,6 @@ async fn trace_request(service: &'static str, mut request: Request, next: Next) 
         headers.insert(eventyr_telemetry::trace::X_TRACE_ID, value);
     }
     response
-}
-
-/// A caller's request id worth keeping: 1 to 128 visible ASCII characters.
-fn valid_request_id(id: &str) -> bool {
-    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// The conventions every service router gets: the body limit, and JSON error bodies

@@ -63,6 +63,14 @@ pub(crate) fn hop_ids() -> Option<(String, String, Option<String>)> {
 pub const TRACEPARENT: &str = "traceparent";
 /// The response header that names a request's trace.
 pub const X_TRACE_ID: &str = "x-trace-id";
+/// The header that names a request, kept from hop to hop.
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// A caller's request id worth keeping (every hop applies the same rule, so that an id
+/// kept by one is kept by the next): 1 to 200 visible ASCII characters.
+pub fn valid_request_id(id: &str) -> bool {
+    (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
 
 /// A request served over HTTP (`otel.kind = server`): `method` and `route` (a template
 /// or a configured route name, never a raw path), continuing the caller's trace from
@@ -245,18 +253,13 @@ pub fn trace_id_of(span: &Span) -> Option<String> {
     span_context(span).map(|ids| ids.trace_id().to_string())
 }
 
-/// Puts the current span's `traceparent` into outgoing `headers` (replacing one there).
-pub fn inject(headers: &mut http::HeaderMap) {
-    if let Some(value) = current_traceparent().and_then(|v| http::HeaderValue::from_str(&v).ok()) {
-        headers.insert(TRACEPARENT, value);
-    }
-}
-
 /// Headers for an outgoing request that continue the current span's trace (empty
 /// outside one).
 pub fn headers() -> http::HeaderMap {
     let mut headers = http::HeaderMap::new();
-    inject(&mut headers);
+    if let Some(value) = current_traceparent().and_then(|v| http::HeaderValue::from_str(&v).ok()) {
+        headers.insert(TRACEPARENT, value);
+    }
     headers
 }
 
@@ -286,6 +289,15 @@ mod tests {
         let span = server("gateway", "GET", "/x", None, None);
         assert_eq!(traceparent_of(&span), None);
         assert_eq!(current_trace_id(), None);
+    }
+
+    #[test]
+    fn request_ids_of_up_to_200_visible_characters_are_kept() {
+        assert!(valid_request_id("r-1"));
+        assert!(valid_request_id(&"x".repeat(200)));
+        for bad in [String::new(), "x".repeat(201), "a b".into(), "é".into()] {
+            assert!(!valid_request_id(&bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -500,14 +500,8 @@ fn label<'a>(labels: &'a [(&str, String)], name: &str) -> Option<&'a str> {
 /// The dashboard's routes (see the module documentation).
 pub fn router(dashboard: Arc<Dashboard>) -> Router {
     Router::new()
-        .route(
-            "/dashboard",
-            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
-        )
-        .route(
-            "/dashboard/",
-            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
-        )
+        .route("/dashboard", get(index))
+        .route("/dashboard/", get(index))
         .route(
             "/dashboard/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
@@ -521,6 +515,10 @@ pub fn router(dashboard: Arc<Dashboard>) -> Router {
         .route("/admin/projections", get(projections))
         .route("/admin/projections/{name}/rebuild", post(rebuild))
         .with_state(dashboard)
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX)
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
