@@ -91,6 +91,9 @@ pub struct ApiKeyConfig {
     pub sha256: String,
     #[serde(default)]
     pub roles: Vec<String>,
+    /// The customer id the key's consumer owns, if any.
+    #[serde(default)]
+    pub customer_id: Option<String>,
 }
 
 fn free() -> String {
@@ -109,6 +112,12 @@ pub struct Identity {
     /// The gateway's own session the token belongs to (`/auth/login`), which must
     /// still live.
     pub session: Option<String>,
+    /// The customer id the caller owns (a session user's `customer_id`, a token's
+    /// `customer_id` claim, an API key's), forwarded to the services.
+    pub customer_id: Option<String>,
+    /// When the credential ends (a token's `exp`, Unix seconds); an answer that
+    /// streams on (server-sent events) ends with it.
+    pub expires: Option<u64>,
 }
 
 /// Why a credential was refused.
@@ -125,6 +134,8 @@ struct Claims {
     tier: Option<String>,
     #[serde(default)]
     sid: Option<String>,
+    #[serde(default)]
+    customer_id: Option<String>,
     exp: u64,
 }
 
@@ -391,15 +402,24 @@ impl Authenticator {
             let mut validation = Validation::new(key.algorithm);
             validation.leeway = self.leeway.as_secs();
             validation.validate_nbf = true;
-            validation.set_required_spec_claims(&["exp", "sub"]);
+            // A configured issuer or audience is required: a token without the claim
+            // is refused like one with another value.
+            let mut required = vec!["exp", "sub"];
             match &self.issuer {
-                Some(issuer) => validation.set_issuer(&[issuer]),
+                Some(issuer) => {
+                    validation.set_issuer(&[issuer]);
+                    required.push("iss");
+                }
                 None => validation.iss = None,
             }
             match &self.audience {
-                Some(audience) => validation.set_audience(&[audience]),
+                Some(audience) => {
+                    validation.set_audience(&[audience]);
+                    required.push("aud");
+                }
                 None => validation.validate_aud = false,
             }
+            validation.set_required_spec_claims(&required);
             match jsonwebtoken::decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => {
                     let claims = data.claims;
@@ -413,6 +433,8 @@ impl Authenticator {
                             tier: claims.tier.unwrap_or_else(free),
                             method: "jwt",
                             session: claims.sid.filter(|_| key.session),
+                            customer_id: claims.customer_id,
+                            expires: Some(claims.exp),
                         },
                         claims.exp,
                     ));
@@ -450,6 +472,8 @@ impl Authenticator {
             tier: config.tier.clone(),
             method: "api_key",
             session: None,
+            customer_id: config.customer_id.clone(),
+            expires: None,
         }))
     }
 

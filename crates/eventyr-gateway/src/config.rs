@@ -72,6 +72,9 @@ pub struct GatewayConfig {
     pub redis: Option<crate::shared::RedisConfig>,
     /// Logins and sessions (`/auth/login`, `/auth/refresh`, `/auth/logout`).
     pub sessions: Option<crate::session::SessionsConfig>,
+    /// Sent to every cluster as `X-Eventyr-Credential` (at least 32 visible
+    /// characters): the services take calls only with it. Absent: none is sent.
+    pub internal_credential: Option<String>,
 }
 
 fn sixty_four_mebibytes() -> usize {
@@ -92,10 +95,31 @@ pub struct LimitsConfig {
     /// The request line and headers, at most. Default 64 KiB (at least 8 KiB).
     #[serde(default = "sixty_four_kibibytes")]
     pub max_header_bytes: usize,
-    /// A client that has not sent its headers within this is disconnected (slowloris).
-    /// Default 10 s.
+    /// A client that has not sent a request's headers within this of its connection
+    /// (or of its previous answer) is disconnected: silent sockets, slowloris. Default
+    /// 10 s.
     #[serde(default = "ten_seconds", with = "humantime_serde_lite")]
     pub header_read_timeout: Duration,
+    /// Client connections open at once; past it new ones are closed at once. Default
+    /// 10 000.
+    #[serde(default = "ten_thousand")]
+    pub max_connections: usize,
+    /// A keep-alive connection with nothing under way is closed after this. Default
+    /// 60 s.
+    #[serde(default = "sixty_seconds", with = "humantime_serde_lite")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 clients are pinged this often and dropped when a ping goes unanswered
+    /// as long. Default 20 s.
+    #[serde(default = "twenty_seconds", with = "humantime_serde_lite")]
+    pub http2_keep_alive: Duration,
+    /// WebSocket tunnels and event streams (server-sent events) open at once; past
+    /// it a new one is 503. Default 1 000.
+    #[serde(default = "one_thousand")]
+    pub max_tunnels: usize,
+    /// Refused credentials (bad tokens, unknown API keys) an address may present in a
+    /// minute; then it is refused (429) until the minute ends. Default 30.
+    #[serde(default = "thirty")]
+    pub refused_credentials_max: u32,
 }
 
 impl Default for LimitsConfig {
@@ -104,8 +128,42 @@ impl Default for LimitsConfig {
             max_body_bytes: ten_mebibytes(),
             max_header_bytes: sixty_four_kibibytes(),
             header_read_timeout: ten_seconds(),
+            max_connections: ten_thousand(),
+            idle_timeout: sixty_seconds(),
+            http2_keep_alive: twenty_seconds(),
+            max_tunnels: one_thousand(),
+            refused_credentials_max: thirty(),
         }
     }
+}
+
+impl LimitsConfig {
+    /// What the server applies of these limits.
+    pub fn server(&self) -> crate::server::ServerLimits {
+        crate::server::ServerLimits {
+            max_connections: self.max_connections,
+            max_header_bytes: self.max_header_bytes,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            http2_keep_alive: self.http2_keep_alive,
+        }
+    }
+}
+
+fn ten_thousand() -> usize {
+    10_000
+}
+fn thirty() -> u32 {
+    30
+}
+fn one_thousand() -> usize {
+    1_000
+}
+fn sixty_seconds() -> Duration {
+    Duration::from_secs(60)
+}
+fn twenty_seconds() -> Duration {
+    Duration::from_secs(20)
 }
 
 fn ten_mebibytes() -> u64 {
@@ -212,6 +270,11 @@ pub struct AggregateCall {
     pub path: String,
     #[serde(default, with = "humantime_serde_lite::option")]
     pub timeout: Option<Duration>,
+    /// The part the others are about (an order's details: the order): when it is
+    /// refused (4xx — not found, forbidden), so is the whole aggregation, with its
+    /// answer; no partial document about something the caller may not see.
+    #[serde(default)]
+    pub required: bool,
 }
 
 /// How a route retries: at most `attempts` in all, only idempotent methods (GET,
@@ -437,6 +500,12 @@ pub struct RouteConfig {
     pub priority: i32,
     /// `api.example.com`, or `*.example.com` for any subdomain. Absent: any host.
     pub host: Option<String>,
+    /// The `Host` names (without port) the route answers for; another is 421
+    /// `misdirected_request`. For browser-facing routes of a gateway on a local
+    /// address (the dashboard, the admin API): a page of another site whose name was
+    /// rebound to this address (DNS rebinding) names its own host. Empty: any.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
     pub path: PathConfig,
     /// Absent: any method.
     #[serde(default)]
@@ -562,11 +631,17 @@ impl GatewayConfig {
 
     /// Every rule a configuration must keep.
     pub fn check(&self) -> Result<(), ConfigError> {
-        if self.limits.max_header_bytes < 8 * 1024 {
-            return Err(error("limits.max_header_bytes", "at least 8192"));
+        if let Some(mistake) = self.limits.server().check("limits").into_iter().next() {
+            let (key, message) = mistake.split_once(": ").unwrap_or((&mistake, ""));
+            return Err(error(key, message));
         }
-        if self.limits.header_read_timeout.is_zero() {
-            return Err(error("limits.header_read_timeout", "above 0"));
+        if let Some(credential) = &self.internal_credential
+            && (credential.len() < 32 || !credential.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(error(
+                "internal_credential",
+                "at least 32 visible ASCII characters",
+            ));
         }
         if let Some(redis) = &self.redis {
             crate::shared::SharedRedis::new(redis).map_err(|e| error("redis.url", e))?;

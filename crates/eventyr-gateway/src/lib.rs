@@ -33,6 +33,10 @@
 //!   several gateways share (sessions, and rate-limit rules with `shared = true`).
 //!
 //! - [`jwks`]: identity providers' key sets kept fresh in the background.
+//! - [`lockout`]: failure limits (failed logins per account, refused credentials per
+//!   address).
+//! - [`server`]: the HTTP server of every listener (the gateway's and the
+//!   services'), with its connections bounded.
 
 pub mod admin;
 pub mod auth;
@@ -43,10 +47,12 @@ pub mod gateway;
 pub mod handles;
 pub mod health;
 pub mod jwks;
+pub mod lockout;
 pub mod proxy;
 pub mod ratelimit;
 pub mod resilience;
 pub mod route;
+pub mod server;
 pub mod session;
 pub mod shared;
 pub mod stack;

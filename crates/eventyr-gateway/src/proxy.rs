@@ -167,6 +167,14 @@ pub struct Proxy {
     sessions: Option<Sessions>,
     redis: Option<SharedRedis>,
     limits: LimitsConfig,
+    /// `internal_credential`, for every upstream request.
+    credential: Option<HeaderValue>,
+    /// Open WebSocket tunnels (`limits.max_tunnels`).
+    tunnels: Arc<tokio::sync::Semaphore>,
+    /// Rings when the gateway stops: the tunnels end.
+    closing: tokio::sync::watch::Sender<bool>,
+    /// Refused credentials per client address (`limits.refused_credentials_max`).
+    refused_credentials: Arc<crate::lockout::FailureLimit>,
     clusters: HashMap<String, Arc<Cluster>>,
     client: Client<HttpConnector, Body>,
     /// For clusters with `protocol = "http2"`.
@@ -290,6 +298,26 @@ impl Proxy {
                 .and_then(|a| Authenticator::new(a, config.sessions.as_ref()).ok()),
             sessions,
             redis,
+            tunnels: Arc::new(tokio::sync::Semaphore::new(config.limits.max_tunnels)),
+            closing: tokio::sync::watch::Sender::new(false),
+            refused_credentials: previous
+                .filter(|p| {
+                    p.limits.refused_credentials_max == config.limits.refused_credentials_max
+                })
+                .map_or_else(
+                    || {
+                        Arc::new(crate::lockout::FailureLimit::local(
+                            "refused-credentials",
+                            config.limits.refused_credentials_max,
+                            Duration::from_secs(60),
+                        ))
+                    },
+                    |p| Arc::clone(&p.refused_credentials),
+                ),
+            credential: config
+                .internal_credential
+                .as_deref()
+                .and_then(|c| HeaderValue::from_str(c).ok()),
             limits: config.limits.clone(),
             clusters,
             client,
@@ -379,13 +407,29 @@ impl Proxy {
                 .route
                 .aggregate
                 .iter()
-                .map(|c| (c.name.clone(), Err("the aggregation timed out".to_owned())))
+                .map(|c| {
+                    let timed_out = Failed::Other("the aggregation timed out".to_owned());
+                    (c.name.clone(), Err(timed_out))
+                })
                 .collect(),
         };
+        // A required part refused: that answer, not a document around it.
+        for (call, (_, outcome)) in routed.route.aggregate.iter().zip(&results) {
+            if let (true, Err(Failed::Refused(status, body))) = (call.required, outcome) {
+                let mut response =
+                    Response::new(Full::new(body.clone()).map_err(|e| match e {}).boxed());
+                *response.status_mut() = *status;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                return response;
+            }
+        }
         let mut document = serde_json::Map::new();
         let mut errors = serde_json::Map::new();
         for (name, outcome) in results {
-            match outcome {
+            match outcome.map_err(|failed| failed.to_string()) {
                 Ok(value) => {
                     document.insert(name, value);
                 }
@@ -414,7 +458,7 @@ impl Proxy {
         call: &crate::config::AggregateCall,
         params: &[(String, String)],
         headers: HeaderMap,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, Failed> {
         let cluster = self
             .clusters
             .get(&call.cluster)
@@ -442,11 +486,11 @@ impl Proxy {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 cluster.report(i, false);
-                return Err(e.to_string());
+                return Err(e.to_string().into());
             }
             Err(_) => {
                 cluster.report(i, false);
-                return Err(format!("no answer within {timeout:?}"));
+                return Err(format!("no answer within {timeout:?}").into());
             }
         };
         if let Some(in_flight) = in_flight {
@@ -459,12 +503,42 @@ impl Proxy {
             .map_err(|_| format!("the answer did not finish within {timeout:?}"))?
             .map_err(|e| e.to_string())?
             .to_bytes();
+        if status.is_client_error() {
+            return Err(Failed::Refused(status, body));
+        }
         if !status.is_success() {
-            return Err(format!("status {}", status.as_u16()));
+            return Err(Failed::Other(format!("status {}", status.as_u16())));
         }
         Ok(serde_json::from_slice(&body).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
         }))
+    }
+
+    /// Who the request is from, for the upstream: the identity headers of the caller
+    /// the authentication layer found (none for an anonymous one) and the internal
+    /// credential — never a client's own (dropped here whatever came before, also
+    /// when a client named them in `Connection`).
+    fn identify(&self, headers: &mut HeaderMap, identity: Option<&crate::auth::Identity>) {
+        use eventyr_telemetry::identity as names;
+        for name in names::HEADERS {
+            headers.remove(name);
+        }
+        if let Some(credential) = &self.credential {
+            headers.insert(names::X_EVENTYR_CREDENTIAL, credential.clone());
+        }
+        let Some(identity) = identity else {
+            return;
+        };
+        let mut put = |name: &'static str, value: &str| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(name, value);
+            }
+        };
+        put(names::X_USER_ID, &identity.user_id);
+        put(names::X_USER_ROLES, &identity.roles.join(","));
+        if let Some(customer) = &identity.customer_id {
+            put(names::X_CUSTOMER_ID, customer);
+        }
     }
 
     /// The response cache.
@@ -485,6 +559,16 @@ impl Proxy {
     /// The verifier of tokens and API keys, when the configuration has `[auth]`.
     pub fn authenticator(&self) -> Option<&Authenticator> {
         self.authenticator.as_ref()
+    }
+
+    /// Ends every WebSocket tunnel (the gateway stops).
+    pub fn close_tunnels(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Refused credentials per client address.
+    pub fn refused_credentials(&self) -> &crate::lockout::FailureLimit {
+        &self.refused_credentials
     }
 
     /// What clients may send (the server and the body-limit layer apply it).
@@ -538,9 +622,14 @@ impl Proxy {
                 None => error(StatusCode::NOT_FOUND, "no_route", "no sessions here"),
             };
         }
+        let identity = parts
+            .extensions
+            .get::<Authenticated>()
+            .map(|a| Arc::clone(&a.0));
         if !routed.route.aggregate.is_empty() {
             let traceparent = parts.extensions.get::<Traceparent>().map(|t| t.0.clone());
-            let headers = upstream_headers(parts.headers.clone(), host, client, traceparent);
+            let mut headers = upstream_headers(parts.headers.clone(), host, client, traceparent);
+            self.identify(&mut headers, identity.as_deref());
             return self.aggregate(&routed, headers).await;
         }
         let Some(cluster) = self.clusters.get(&*routed.cluster) else {
@@ -591,7 +680,9 @@ impl Proxy {
             // A WebSocket handshake keeps its Upgrade (hop-by-hop, so put back); the
             // client's end of the connection is taken over once the upstream agrees.
             let websocket = websocket_upgrade(&parts.headers);
-            let length = body_length(&parts.headers);
+            // Known from Content-Length, or an HTTP/2 request that ended with its
+            // headers; an undeclared length (chunked, HTTP/2 DATA frames) is None.
+            let length = hyper::body::Body::size_hint(&body).exact();
             let traceparent = parts.extensions.get::<Traceparent>().map(|t| t.0.clone());
             let mut headers = upstream_headers(
                 std::mem::take(&mut parts.headers),
@@ -599,6 +690,7 @@ impl Proxy {
                 client,
                 traceparent,
             );
+            self.identify(&mut headers, identity.as_deref());
             let client_upgrade = match &websocket {
                 Some(protocol) => {
                     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -745,12 +837,49 @@ impl Proxy {
                             && let (Some(protocol), Some(client_side)) =
                                 (&websocket, client_upgrade.take())
                         {
-                            return tunnel(response, client_side, protocol.clone());
+                            let Ok(permit) = Arc::clone(&self.tunnels).try_acquire_owned() else {
+                                return error(
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "overloaded",
+                                    "the gateway has as many WebSocket tunnels open as it takes",
+                                );
+                            };
+                            return tunnel(
+                                response,
+                                client_side,
+                                protocol.clone(),
+                                permit,
+                                self.closing.subscribe(),
+                            );
                         }
                         let (mut parts, body) = response.into_parts();
                         strip_hop_by_hop(&mut parts.headers);
                         parts.version = http::Version::HTTP_11;
-                        return Response::from_parts(parts, body.map_err(BodyError::from).boxed());
+                        let streams = parts
+                            .headers
+                            .get(header::CONTENT_TYPE)
+                            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+                        if !streams {
+                            return Response::from_parts(parts, body.map_err(BodyError::from).boxed());
+                        }
+                        // An event stream flows on: bounded like a tunnel, and ended
+                        // with the gateway and with its caller's credential.
+                        let Ok(permit) = Arc::clone(&self.tunnels).try_acquire_owned() else {
+                            return error(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "overloaded",
+                                "the gateway has as many long-lived streams open as it takes",
+                            );
+                        };
+                        let ends = StreamEnds {
+                            permit,
+                            closing: self.closing.subscribe(),
+                            expires: identity.as_ref().and_then(|i| i.expires),
+                            session: identity.as_ref().and_then(|i| i.session.clone()).and_then(
+                                |sid| self.sessions.as_ref().map(|s| (s.store(), sid)),
+                            ),
+                        };
+                        return Response::from_parts(parts, ends.stream(body));
                     }
                     Ok(Err(e)) if e.is_connect() => {
                         // Nothing reached the endpoint: another one may take it once,
@@ -764,6 +893,13 @@ impl Proxy {
                             return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string());
                         }
                         tracing::debug!(endpoint = %authority, error = %e, "connect failed; trying another endpoint");
+                    }
+                    Ok(Err(e)) if over_limit(&e) => {
+                        return error(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "payload_too_large",
+                            format!("a request body is at most {} bytes", self.limits.max_body_bytes),
+                        );
                     }
                     Ok(Err(e)) => {
                         return error(StatusCode::BAD_GATEWAY, "bad_gateway", e.to_string());
@@ -838,9 +974,12 @@ fn tunnel(
     mut upstream: Response<Incoming>,
     client: hyper::upgrade::OnUpgrade,
     protocol: HeaderValue,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) -> Response<Body> {
     let upstream_side = hyper::upgrade::on(&mut upstream);
     tokio::spawn(async move {
+        let _permit = permit;
         let (client, upstream) = match futures::future::try_join(client, upstream_side).await {
             Ok(both) => both,
             Err(e) => {
@@ -850,8 +989,14 @@ fn tunnel(
         };
         let mut client = hyper_util::rt::TokioIo::new(client);
         let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(error = %e, "a WebSocket tunnel ended with an error");
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Err(e) = copied {
+                    tracing::debug!(error = %e, "a WebSocket tunnel ended with an error");
+                }
+            }
+            // The gateway stops: its tunnels end with it.
+            () = async { drop(closing.wait_for(|c| *c).await) } => {}
         }
     });
     let (mut parts, _) = upstream.into_parts();
@@ -867,16 +1012,116 @@ fn tunnel(
     )
 }
 
-/// The request's body length if it is known: 0 without a body, the Content-Length,
-/// or None (chunked: streamed).
-fn body_length(headers: &HeaderMap) -> Option<u64> {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        return None;
+/// What ends an event stream the gateway passes on: the gateway stopping, the
+/// caller's token expiring, the caller's session ending (looked at every few
+/// seconds); its permit counts it among the long-lived streams.
+struct StreamEnds {
+    permit: tokio::sync::OwnedSemaphorePermit,
+    closing: tokio::sync::watch::Receiver<bool>,
+    /// Unix seconds.
+    expires: Option<u64>,
+    session: Option<(Arc<dyn crate::session::SessionStore>, String)>,
+}
+
+/// How often a streaming answer's session is looked at.
+const STREAM_SESSION_CHECK: Duration = Duration::from_secs(5);
+
+impl StreamEnds {
+    /// `body`, relayed until it ends or one of these does.
+    fn stream(self, mut body: Incoming) -> Body {
+        let (frames, receiver) =
+            tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, BodyError>>(16);
+        let Self {
+            permit,
+            mut closing,
+            expires,
+            session,
+        } = self;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let left = expires.map_or(Duration::from_secs(365 * 24 * 3600), |exp| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                Duration::from_secs(exp.saturating_sub(now))
+            });
+            let expired = tokio::time::sleep(left);
+            tokio::pin!(expired);
+            let mut check = tokio::time::interval(STREAM_SESSION_CHECK);
+            check.tick().await;
+            loop {
+                tokio::select! {
+                    frame = body.frame() => match frame {
+                        Some(Ok(frame)) => {
+                            if frames.send(Ok(frame)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let _ = frames.send(Err(e.into())).await;
+                            return;
+                        }
+                        None => return,
+                    },
+                    () = &mut expired => return,
+                    () = async { drop(closing.wait_for(|c| *c).await) } => return,
+                    () = frames.closed() => return,
+                    _ = check.tick(), if session.is_some() => {
+                        if let Some((store, sid)) = &session
+                            && !store.is_active(sid).await.unwrap_or(false)
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let frames = futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|frame| (frame, receiver))
+        });
+        http_body_util::StreamBody::new(frames).boxed()
     }
-    match headers.get(header::CONTENT_LENGTH) {
-        None => Some(0),
-        Some(value) => value.to_str().ok()?.parse().ok(),
+}
+
+/// Why a call of an aggregation has no part in the document.
+#[derive(Debug)]
+enum Failed {
+    /// The upstream refused it (4xx), with its answer.
+    Refused(StatusCode, Bytes),
+    Other(String),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(status, _) => write!(f, "status {}", status.as_u16()),
+            Self::Other(reason) => f.write_str(reason),
+        }
     }
+}
+
+impl From<String> for Failed {
+    fn from(reason: String) -> Self {
+        Self::Other(reason)
+    }
+}
+
+impl From<&str> for Failed {
+    fn from(reason: &str) -> Self {
+        Self::Other(reason.to_owned())
+    }
+}
+
+/// Whether a request failed because its streamed body passed the limit.
+fn over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -1034,46 +1279,21 @@ pub async fn serve_gateway(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
-                let _ = stream.set_nodelay(true);
-                let limits = gateway.proxy().limits().clone();
-                let gateway = Arc::clone(&gateway);
-                let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                    request.extensions_mut().insert(ClientAddr(peer));
-                    tower::ServiceExt::oneshot(gateway.stack(), request)
-                });
-                // HTTP/1.1 (with upgrades) or h2c with prior knowledge, by the
-                // connection's first bytes.
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .keep_alive(true)
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout)
-                    .max_buf_size(limits.max_header_bytes);
-                builder
-                    .http2()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-                let connection = builder
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "a client connection ended with an error");
-                    }
-                });
-            }
-        }
-    }
-    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    // The limits in force at the start (a reload changes routes, not the server).
+    let limits = gateway.proxy().limits().server();
+    let stopping = Arc::clone(&gateway);
+    let service = move |peer: SocketAddr| {
+        let gateway = Arc::clone(&gateway);
+        tower::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ClientAddr(peer));
+            tower::ServiceExt::oneshot(gateway.stack(), request)
+        })
+    };
+    let shutdown = async move {
+        shutdown.await;
+        stopping.proxy().close_tunnels();
+    };
+    crate::server::serve("gateway", listener, limits, service, shutdown, grace, None).await;
 }
 
 #[cfg(test)]

@@ -191,6 +191,8 @@ pub struct Route {
     pub cache: Option<Arc<CacheConfig>>,
     pub aggregate: Arc<[AggregateCall]>,
     pub builtin: Option<crate::config::Builtin>,
+    /// `allowed_hosts`, lower case; empty: any.
+    pub allowed_hosts: Arc<[String]>,
     priority: i32,
     host: Option<String>,
     path: PathPattern,
@@ -264,6 +266,11 @@ impl RouteTable {
                         cache: r.cache.clone().map(Arc::new),
                         aggregate: Arc::from(r.aggregate.clone()),
                         builtin: r.builtin,
+                        allowed_hosts: r
+                            .allowed_hosts
+                            .iter()
+                            .map(|h| h.to_ascii_lowercase())
+                            .collect(),
                         priority: r.priority,
                         host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                         path,
@@ -335,6 +342,16 @@ impl RouteTable {
 }
 
 /// `pattern` (lower case; `*.example.com` for its subdomains) against a Host header.
+impl Route {
+    /// Whether the route answers for `host` (a `Host` header, port and all).
+    pub fn allows_host(&self, host: Option<&str>) -> bool {
+        if self.allowed_hosts.is_empty() {
+            return true;
+        }
+        host.is_some_and(|host| self.allowed_hosts.iter().any(|a| host_matches(a, host)))
+    }
+}
+
 fn host_matches(pattern: &str, host: &str) -> bool {
     let host = host.rsplit_once(':').map_or(host, |(h, port)| {
         if port.bytes().all(|b| b.is_ascii_digit()) {

@@ -54,6 +54,15 @@ pub struct SessionsConfig {
     pub refresh_ttl: Duration,
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// How long after a rotation the refresh token it replaced still gets the same
+    /// new pair (two tabs, a retried request after a lost answer) instead of counting
+    /// as stolen. Default 10 s; at most 1 min.
+    #[serde(default = "ten_seconds", with = "humantime_serde_lite")]
+    pub refresh_grace: Duration,
+}
+
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn fifteen_minutes() -> Duration {
@@ -92,6 +101,10 @@ pub struct UserConfig {
     /// free, premium or enterprise. Default free.
     #[serde(default = "free")]
     pub tier: String,
+    /// The customer id the user owns (their orders, points, payments...), forwarded
+    /// to the services as `X-Customer-ID`. None: the user owns no customer's data.
+    #[serde(default)]
+    pub customer_id: Option<String>,
 }
 
 fn free() -> String {
@@ -118,7 +131,16 @@ pub enum SessionError {
     Reused,
     #[error("the session store cannot be reached: {0}")]
     Unavailable(String),
+    /// Too many failed logins of this account lately: refused, whatever the password.
+    #[error("too many failed logins for this account; try again in {} s", .0.as_secs().max(1))]
+    LockedOut(Duration),
 }
+
+/// Failed logins an account may have within [`LOGIN_FAILURE_WINDOW`] (the sources'
+/// policy); then its logins are refused until the window ends.
+pub const LOGIN_FAILURES_MAX: u32 = 5;
+/// The window of [`LOGIN_FAILURES_MAX`].
+pub const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(5 * 60);
 
 /// The kid of tokens the gateway issues itself.
 pub const SESSION_KID: &str = "eventyr-session";
@@ -140,6 +162,9 @@ pub fn check(config: &SessionsConfig, has_redis: bool) -> Result<(), (String, St
             "refresh_ttl",
             "access_ttl is at least 1s and refresh_ttl longer",
         );
+    }
+    if config.refresh_grace > Duration::from_secs(60) {
+        return err("refresh_grace", "at most 1m");
     }
     if matches!(config.store, StoreConfig::Named(StoreName::Redis)) && !has_redis {
         return err("store", "\"redis\" needs a [redis] section");
@@ -176,6 +201,8 @@ struct AccessClaims {
     roles: Vec<String>,
     tier: String,
     sid: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    customer_id: Option<String>,
     iss: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     aud: Option<String>,
@@ -206,9 +233,16 @@ pub struct StoredSession {
 }
 
 /// What a rotation found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rotation {
     Rotated,
+    /// The presented refresh id is the one the session's last rotation replaced
+    /// (two tabs, a retry after a lost answer): its current id and when (Unix
+    /// seconds) it was issued.
+    Replayed {
+        current: String,
+        rotated_at: u64,
+    },
     /// The session lives but its current refresh id is another: reuse.
     Mismatch,
     /// No such session (expired, logged out or revoked).
@@ -221,14 +255,16 @@ pub trait SessionStore: Send + Sync {
     async fn create(&self, session: &StoredSession) -> Result<(), SessionError>;
     /// Whether the session lives.
     async fn is_active(&self, id: &str) -> Result<bool, SessionError>;
-    /// Replaces the refresh id `expected` by `next` and extends the session to
-    /// `expires`, atomically.
+    /// Replaces the refresh id `expected` by `next` (issued at `now`, Unix seconds)
+    /// and extends the session to `expires`, atomically; keeps the replaced id and
+    /// `now` to recognize a replay of it.
     async fn rotate(
         &self,
         id: &str,
         expected: &str,
         next: &str,
         expires: SystemTime,
+        now: u64,
     ) -> Result<Rotation, SessionError>;
     async fn revoke(&self, id: &str) -> Result<(), SessionError>;
     /// Revokes every session of `user`; how many there were.
@@ -244,10 +280,13 @@ pub struct Sessions {
     refresh_decoding: DecodingKey,
     access_ttl: Duration,
     refresh_ttl: Duration,
+    refresh_grace: Duration,
     issuer: String,
     audience: Option<String>,
     /// Checked when the user is unknown, so that both cost the same.
     decoy_hash: String,
+    /// Failed logins per account (shared in Redis with the sessions).
+    login_failures: crate::lockout::FailureLimit,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -269,11 +308,17 @@ impl Sessions {
         audience: Option<&str>,
         redis: Option<&SharedRedis>,
     ) -> Result<Self, String> {
-        let store: Arc<dyn SessionStore> = match (&config.store, redis) {
-            (StoreConfig::Sqlite(path), _) => Arc::new(SqliteSessions::open(path)?),
-            (StoreConfig::Named(StoreName::Redis), Some(redis)) => {
-                Arc::new(RedisSessions::new(redis.clone()))
-            }
+        use crate::lockout::FailureLimit;
+        let (window, max) = (LOGIN_FAILURE_WINDOW, LOGIN_FAILURES_MAX);
+        let (store, login_failures): (Arc<dyn SessionStore>, _) = match (&config.store, redis) {
+            (StoreConfig::Sqlite(path), _) => (
+                Arc::new(SqliteSessions::open(path)?),
+                FailureLimit::local("login", max, window),
+            ),
+            (StoreConfig::Named(StoreName::Redis), Some(redis)) => (
+                Arc::new(RedisSessions::new(redis.clone())),
+                FailureLimit::shared("login", max, window, redis.clone()),
+            ),
             (StoreConfig::Named(StoreName::Redis), None) => {
                 return Err("sessions.store: \"redis\" needs a [redis] section".to_owned());
             }
@@ -290,6 +335,7 @@ impl Sessions {
             refresh_decoding: DecodingKey::from_secret(config.refresh_secret.as_bytes()),
             access_ttl: config.access_ttl,
             refresh_ttl: config.refresh_ttl,
+            refresh_grace: config.refresh_grace,
             issuer: issuer.unwrap_or(DEFAULT_ISSUER).to_owned(),
             audience: audience.map(str::to_owned),
             decoy_hash: config
@@ -297,11 +343,18 @@ impl Sessions {
                 .first()
                 .map(|u| u.password_hash.clone())
                 .unwrap_or_else(|| hash_password("decoy").unwrap_or_default()),
+            login_failures,
         })
     }
 
-    /// Checks the password and opens a session.
+    /// Checks the password and opens a session. An account with
+    /// [`LOGIN_FAILURES_MAX`] failures in the window is refused at once (429), for
+    /// that account only.
     pub async fn login(&self, username: &str, password: &str) -> Result<TokenPair, SessionError> {
+        if let Some(left) = self.login_failures.blocked(username).await {
+            security_event("login_locked_out", username);
+            return Err(SessionError::LockedOut(left));
+        }
         let user = self.users.get(username).cloned();
         let hash = user
             .as_ref()
@@ -321,6 +374,9 @@ impl Sessions {
             Some(user) if verified => user,
             _ => {
                 security_event("failed_login", username);
+                if self.login_failures.fail(username).await {
+                    security_event("lockout", username);
+                }
                 return Err(SessionError::InvalidCredentials);
             }
         };
@@ -331,7 +387,12 @@ impl Sessions {
             expires: SystemTime::now() + self.refresh_ttl,
         };
         self.store.create(&session).await?;
-        self.issue(&user, &session.id, &session.refresh_id)
+        self.issue(
+            &user,
+            &session.id,
+            &session.refresh_id,
+            unix(SystemTime::now()),
+        )
     }
 
     /// Rotates a refresh token into a new pair.
@@ -344,16 +405,25 @@ impl Sessions {
         };
         let next = random_id();
         let expires = SystemTime::now() + self.refresh_ttl;
+        let now = unix(SystemTime::now());
         match self
             .store
-            .rotate(&claims.sid, &claims.rid, &next, expires)
+            .rotate(&claims.sid, &claims.rid, &next, expires, now)
             .await?
         {
-            Rotation::Rotated => self.issue(user, &claims.sid, &next),
+            Rotation::Rotated => self.issue(user, &claims.sid, &next, now),
+            // The same rotation asked again within the grace: the same pair (tokens
+            // are a function of the refresh id and the time they were issued).
+            Rotation::Replayed {
+                current,
+                rotated_at,
+            } if now.saturating_sub(rotated_at) <= self.refresh_grace.as_secs() => {
+                self.issue(user, &claims.sid, &current, rotated_at)
+            }
             Rotation::Gone => Err(SessionError::InvalidToken(
                 "the session has ended (logged out, revoked or expired)".to_owned(),
             )),
-            Rotation::Mismatch => {
+            Rotation::Mismatch | Rotation::Replayed { .. } => {
                 let revoked = self.store.revoke_user(&claims.sub).await?;
                 security_event(
                     "token_reuse",
@@ -381,6 +451,11 @@ impl Sessions {
         self.verify_refresh(refresh_token).map(|c| (c.sub, c.sid))
     }
 
+    /// Where sessions live (to watch one that an answer streams for).
+    pub fn store(&self) -> Arc<dyn SessionStore> {
+        Arc::clone(&self.store)
+    }
+
     /// Whether the session lives (checked on every request with one of its tokens).
     pub async fn is_active(&self, sid: &str) -> Result<bool, SessionError> {
         self.store.is_active(sid).await
@@ -402,8 +477,15 @@ impl Sessions {
         Ok(claims)
     }
 
-    fn issue(&self, user: &UserConfig, sid: &str, rid: &str) -> Result<TokenPair, SessionError> {
-        let now = unix(SystemTime::now());
+    /// The pair of refresh id `rid`, issued at `now` (Unix seconds): the same
+    /// arguments give the same tokens.
+    fn issue(
+        &self,
+        user: &UserConfig,
+        sid: &str,
+        rid: &str,
+        now: u64,
+    ) -> Result<TokenPair, SessionError> {
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(SESSION_KID.to_owned());
         let access = AccessClaims {
@@ -411,11 +493,12 @@ impl Sessions {
             roles: user.roles.clone(),
             tier: user.tier.clone(),
             sid: sid.to_owned(),
+            customer_id: user.customer_id.clone(),
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
             iat: now,
             exp: now + self.access_ttl.as_secs(),
-            jti: random_id(),
+            jti: token_id(rid),
         };
         let refresh = RefreshClaims {
             sub: user.name.clone(),
@@ -447,6 +530,16 @@ pub fn security_event(reason: &'static str, detail: &str) {
     metrics::counter!(names::GATEWAY_AUTH_FAILURES_TOTAL, names::LABEL_REASON => reason)
         .increment(1);
     tracing::warn!(target: "eventyr_gateway::security", reason, detail, "security event");
+}
+
+/// An access token's id, from its refresh id (unguessable, and the same for a replay).
+fn token_id(rid: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(format!("jti:{rid}").as_bytes())
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// 128 random bits from the operating system, as hex: session and refresh ids must
@@ -506,6 +599,20 @@ impl SqliteSessions {
                  CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user);",
             )
             .map_err(fail)?;
+        // The replaced refresh id and when (the grace of a replay): added to files of
+        // earlier versions.
+        let columns: Vec<String> = writer
+            .prepare("SELECT name FROM pragma_table_info('sessions')")
+            .and_then(|mut s| s.query_map([], |row| row.get(0))?.collect())
+            .map_err(fail)?;
+        if !columns.iter().any(|c| c == "previous_refresh_id") {
+            writer
+                .execute_batch(
+                    "ALTER TABLE sessions ADD COLUMN previous_refresh_id TEXT;
+                     ALTER TABLE sessions ADD COLUMN rotated_at INTEGER NOT NULL DEFAULT 0;",
+                )
+                .map_err(fail)?;
+        }
         let reader = rusqlite::Connection::open(path).map_err(fail)?;
         reader
             .execute_batch("PRAGMA busy_timeout = 5000;")
@@ -573,25 +680,46 @@ impl SessionStore for SqliteSessions {
         expected: &str,
         next: &str,
         expires: SystemTime,
+        issued: u64,
     ) -> Result<Rotation, SessionError> {
+        use rusqlite::OptionalExtension;
         let (id, expected, next) = (id.to_owned(), expected.to_owned(), next.to_owned());
         self.write(move |c| {
             let now = unix_ms(SystemTime::now());
             let changed = c.execute(
-                "UPDATE sessions SET refresh_id = ?3, expires_ms = ?4
+                "UPDATE sessions SET previous_refresh_id = refresh_id, refresh_id = ?3,
+                     rotated_at = ?6, expires_ms = ?4
                  WHERE id = ?1 AND refresh_id = ?2 AND expires_ms > ?5",
-                rusqlite::params![id, expected, next, unix_ms(expires), now],
+                rusqlite::params![
+                    id,
+                    expected,
+                    next,
+                    unix_ms(expires),
+                    now,
+                    i64::try_from(issued).unwrap_or(i64::MAX)
+                ],
             )?;
             if changed == 1 {
                 return Ok(Rotation::Rotated);
             }
-            let lives = c
-                .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1 AND expires_ms > ?2")?
-                .exists(rusqlite::params![id, now])?;
-            Ok(if lives {
-                Rotation::Mismatch
-            } else {
-                Rotation::Gone
+            let found: Option<(String, Option<String>, i64)> = c
+                .prepare_cached(
+                    "SELECT refresh_id, previous_refresh_id, rotated_at FROM sessions
+                     WHERE id = ?1 AND expires_ms > ?2",
+                )?
+                .query_row(rusqlite::params![id, now], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()?;
+            Ok(match found {
+                None => Rotation::Gone,
+                Some((current, Some(previous), rotated_at)) if previous == expected => {
+                    Rotation::Replayed {
+                        current,
+                        rotated_at: u64::try_from(rotated_at).unwrap_or(0),
+                    }
+                }
+                Some(_) => Rotation::Mismatch,
             })
         })
         .await
@@ -630,11 +758,16 @@ pub struct RedisSessions {
 
 const ROTATE: &str = r"
 local current = redis.call('HGET', KEYS[1], 'refresh')
-if not current then return -1 end
-if current ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'refresh', ARGV[2])
-redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-return 1";
+if not current then return {-1, '', '0'} end
+if current == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'refresh', ARGV[2], 'previous', ARGV[1], 'rotated', ARGV[4])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+  return {1, '', '0'}
+end
+if redis.call('HGET', KEYS[1], 'previous') == ARGV[1] then
+  return {2, current, redis.call('HGET', KEYS[1], 'rotated') or '0'}
+end
+return {0, '', '0'}";
 
 const REVOKE: &str = r"
 local user = redis.call('HGET', KEYS[1], 'user')
@@ -706,14 +839,16 @@ impl SessionStore for RedisSessions {
         expected: &str,
         next: &str,
         expires: SystemTime,
+        issued: u64,
     ) -> Result<Rotation, SessionError> {
         let mut connection = self.redis.connection().map_err(unavailable)?;
-        let outcome: i64 = self
+        let (outcome, current, rotated_at): (i64, String, String) = self
             .rotate
             .key(format!("{SESSION_PREFIX}{id}"))
             .arg(expected)
             .arg(next)
             .arg(unix_ms(expires))
+            .arg(issued)
             .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
@@ -737,6 +872,10 @@ impl SessionStore for RedisSessions {
         }
         Ok(match outcome {
             1 => Rotation::Rotated,
+            2 => Rotation::Replayed {
+                current,
+                rotated_at: rotated_at.parse().unwrap_or(0),
+            },
             0 => Rotation::Mismatch,
             _ => Rotation::Gone,
         })
@@ -833,7 +972,7 @@ pub async fn endpoint(
                     *response.status_mut() = StatusCode::NO_CONTENT;
                     response
                 }
-                Err(e) => refused(&e),
+                Err(e) => refused(sessions, &e),
             };
         }
     };
@@ -856,7 +995,7 @@ pub async fn endpoint(
             );
             response
         }
-        Err(e) => refused(&e),
+        Err(e) => refused(sessions, &e),
     }
 }
 
@@ -889,12 +1028,15 @@ fn invalid_request(message: String) -> Response<Body> {
     error(StatusCode::BAD_REQUEST, "invalid_request", message)
 }
 
-fn refused(e: &SessionError) -> Response<Body> {
+fn refused(sessions: &Sessions, e: &SessionError) -> Response<Body> {
+    if let SessionError::LockedOut(left) = e {
+        return sessions.login_failures.refusal(*left, e.to_string());
+    }
     let (status, code) = match e {
         SessionError::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
         SessionError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
         SessionError::Reused => (StatusCode::UNAUTHORIZED, "token_reused"),
-        SessionError::Unavailable(_) => {
+        SessionError::Unavailable(_) | SessionError::LockedOut(_) => {
             (StatusCode::SERVICE_UNAVAILABLE, "session_store_unavailable")
         }
     };
@@ -919,11 +1061,13 @@ mod tests {
             refresh_secret: "r".repeat(32),
             access_ttl: fifteen_minutes(),
             refresh_ttl: seven_days(),
+            refresh_grace: Duration::from_secs(1),
             users: vec![UserConfig {
                 name: "alice".into(),
                 password_hash: hash_password("alice").expect("hash"),
                 roles: vec!["customer".into()],
                 tier: free(),
+                customer_id: Some("alice".into()),
             }],
         }
     }
@@ -968,5 +1112,58 @@ mod tests {
             sessions.refresh(&third.access_token).await,
             Err(SessionError::InvalidToken(_))
         ));
+    }
+
+    /// Two refreshes with the same token at once get the same pair; the replaced
+    /// token presented after the grace (here 1 s) is a reuse.
+    #[tokio::test]
+    async fn a_replay_within_the_grace_gets_the_same_pair_and_after_it_revokes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let sessions = Sessions::new(&config(dir.path()), None, None, None).expect("sessions");
+        let first = sessions.login("alice", "alice").await.expect("login");
+        let (a, b) = futures::join!(
+            sessions.refresh(&first.refresh_token),
+            sessions.refresh(&first.refresh_token)
+        );
+        let (a, b) = (a.expect("one refresh"), b.expect("the other"));
+        assert_eq!(a.access_token, b.access_token);
+        assert_eq!(a.refresh_token, b.refresh_token);
+        // Waiting for the grace itself to pass.
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        assert_eq!(
+            sessions.refresh(&first.refresh_token).await.err(),
+            Some(SessionError::Reused)
+        );
+        assert!(sessions.refresh(&a.refresh_token).await.is_err(), "revoked");
+    }
+
+    /// The sixth login of an account within the window is refused, even with the
+    /// right password; another account goes on.
+    #[tokio::test]
+    async fn failed_logins_lock_out_their_account_only() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut config = config(dir.path());
+        config.users.push(UserConfig {
+            name: "bob".into(),
+            password_hash: hash_password("bob").expect("hash"),
+            roles: vec!["customer".into()],
+            tier: free(),
+            customer_id: Some("bob".into()),
+        });
+        let sessions = Sessions::new(&config, None, None, None).expect("sessions");
+        for _ in 0..LOGIN_FAILURES_MAX {
+            assert_eq!(
+                sessions.login("alice", "guess").await.err(),
+                Some(SessionError::InvalidCredentials)
+            );
+        }
+        assert!(matches!(
+            sessions.login("alice", "alice").await,
+            Err(SessionError::LockedOut(_))
+        ));
+        sessions
+            .login("bob", "bob")
+            .await
+            .expect("bob is not locked out");
     }
 }

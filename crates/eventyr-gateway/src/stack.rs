@@ -456,6 +456,19 @@ async fn route(proxy: Arc<Proxy>, mut request: Request<Incoming>, next: Next) ->
             format!("no route for {} {}", request.method(), request.uri().path()),
         );
     };
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    if !routed.route.allows_host(host) {
+        crate::auth::security_event("host_not_allowed", host.unwrap_or("none"));
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected_request",
+            "this route does not answer for that host name",
+        );
+    }
     let name = RouteName(Arc::clone(&routed.route.name));
     request.extensions_mut().insert(routed);
     let mut response = next.run(request).await;
@@ -572,7 +585,10 @@ async fn authentication(
     mut request: Request<Incoming>,
     next: Next,
 ) -> Response<Body> {
-    request.headers_mut().remove(X_USER_ID);
+    // Nobody names themselves: the identity headers are the gateway's alone.
+    for name in eventyr_telemetry::identity::HEADERS {
+        request.headers_mut().remove(name);
+    }
     let Some(authenticator) = proxy.authenticator() else {
         return next.run(request).await;
     };
@@ -591,6 +607,19 @@ async fn authentication(
         .get(X_API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    // An address whose credentials keep failing (guessed keys, forged tokens) is
+    // refused for a while, whatever it presents.
+    let presented = bearer.is_some() || api_key.is_some();
+    let client = presented.then(|| client_of(&proxy, &request).to_string());
+    if let Some(client) = &client
+        && let Some(left) = proxy.refused_credentials().blocked(client).await
+    {
+        crate::auth::security_event("refused_credentials_limited", client);
+        return proxy.refused_credentials().refusal(
+            left,
+            "too many refused credentials from this address".to_owned(),
+        );
+    }
     let verified = match (bearer, api_key) {
         (Some(Some(token)), _) => Some(
             authenticator
@@ -641,7 +670,9 @@ async fn authentication(
             next.run(request).await
         }
         Some(Err((reason, refused))) => {
-            crate::auth::security_event(reason, &refused.0);
+            let client = client.unwrap_or_default();
+            crate::auth::security_event(reason, &format!("{client}: {}", refused.0));
+            proxy.refused_credentials().fail(&client).await;
             invalid_token(refused.0)
         }
     }
@@ -717,15 +748,7 @@ async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -
         .get::<Authenticated>()
         .map(|a| Arc::clone(&a.0));
     let tier = identity.as_ref().map_or("anonymous", |i| i.tier.as_str());
-    let peer = request
-        .extensions()
-        .get::<ClientAddr>()
-        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-    let forwarded = request
-        .headers()
-        .get(X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok());
-    let client = crate::ratelimit::client_ip(peer, forwarded, proxy.trusted_proxies());
+    let client = client_of(&proxy, &request);
     let mut tightest: Option<(&str, Decision, u64)> = None;
     for rule in proxy.rules().iter().filter(|r| r.covers(&route, tier)) {
         let key = match rule.config.key {
@@ -782,19 +805,12 @@ async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -
         }
         if !decision.allowed {
             tracing::info!(rule = %rule.config.name, key, "rate limited");
-            let mut response = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
+            return too_many(
+                &rule.config.name,
+                decision,
+                window,
                 format!("rate limit {} exceeded", rule.config.name),
             );
-            let retry_after = decision.reset.as_secs_f64().ceil().max(1.0) as u64;
-            set_limit_headers(&mut response, &rule.config.name, decision, window);
-            if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
-                response
-                    .headers_mut()
-                    .insert(http::header::RETRY_AFTER, value);
-            }
-            return response;
         }
         // A shadow rule stays invisible to the client.
         if !rule.config.shadow && tightest.is_none_or(|(_, d, _)| decision.remaining < d.remaining)
@@ -808,6 +824,19 @@ async fn rate_limit(proxy: Arc<Proxy>, request: Request<Incoming>, next: Next) -
         set_limit_headers(&mut response, &name, decision, window);
     }
     response
+}
+
+/// The client's address: the peer, or what a trusted proxy says of it.
+fn client_of(proxy: &Proxy, request: &Request<Incoming>) -> std::net::IpAddr {
+    let peer = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let forwarded = request
+        .headers()
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok());
+    crate::ratelimit::client_ip(peer, forwarded, proxy.trusted_proxies())
 }
 
 /// Counts a shared rule that could not be checked, and says so in the log at most
@@ -827,6 +856,25 @@ fn backend_error(rule: &str, e: &redis::RedisError) {
     if LAST_LOGGED.swap(now, Ordering::Relaxed) != now {
         tracing::warn!(rule, error = %e, "a shared rate limit cannot reach Redis");
     }
+}
+
+/// 429 `rate_limited` for `rule`'s denial: `Retry-After`, and the IETF draft and
+/// `X-RateLimit-*` headers.
+pub(crate) fn too_many(
+    rule: &str,
+    decision: crate::ratelimit::Decision,
+    window: u64,
+    message: String,
+) -> Response<Body> {
+    let mut response = error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+    let retry_after = decision.reset.as_secs_f64().ceil().max(1.0) as u64;
+    set_limit_headers(&mut response, rule, decision, window);
+    if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, value);
+    }
+    response
 }
 
 fn set_limit_headers(

@@ -9,11 +9,16 @@
 //!   dependencies answer) and `/metrics`.
 //! - [`traced`]: each request in a server span that continues the caller's trace,
 //!   answered with `X-Request-ID` and `X-Trace-ID`.
+//! - [`caller`]: the internal credential every listener asks for, and the caller's
+//!   identity and ownership rules ([`Caller`]).
 //! - [`Faults`]: demonstration knobs (failure rate, added latency) on a service's
 //!   step calls, settable at run time through `/admin/faults`.
 
+pub mod caller;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use caller::{Caller, Credential, guarded};
 
 use std::future::Future;
 use std::pin::Pin;

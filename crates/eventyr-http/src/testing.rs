@@ -15,10 +15,56 @@ pub async fn serve(router: Router) -> String {
     base
 }
 
-/// `method url` with a JSON body (if any); the status and the JSON answer (null when
-/// it is not JSON).
+/// The internal credential of the services [`app`] serves.
+pub const CREDENTIAL: &str = "the-internal-credential-of-service-tests";
+
+/// [`CREDENTIAL`] as a credential.
+pub fn credential() -> crate::Credential {
+    crate::Credential::new(CREDENTIAL).expect("a long enough credential")
+}
+
+/// The headers of a request from another component of the system: the credential
+/// and no user.
+pub fn internal() -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        crate::caller::X_EVENTYR_CREDENTIAL,
+        reqwest::header::HeaderValue::from_static(CREDENTIAL),
+    );
+    headers
+}
+
+/// The headers of a request for `customer` (role customer, owning that customer id),
+/// with the credential, as the gateway sends them.
+pub fn customer(customer: &str) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(value) = reqwest::header::HeaderValue::from_str(value) {
+            headers.insert(name, value);
+        }
+    };
+    put(crate::caller::X_EVENTYR_CREDENTIAL, CREDENTIAL);
+    put(crate::caller::X_USER_ID, customer);
+    put(crate::caller::X_USER_ROLES, "customer");
+    put(crate::caller::X_CUSTOMER_ID, customer);
+    headers
+}
+
+/// `method url` with a JSON body (if any), as another component of the system (with
+/// the credential and no user); the status and the JSON answer (null when it is not
+/// JSON).
 pub async fn request(method: reqwest::Method, url: &str, body: Option<&Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, url);
+    request_with(method, url, body, internal()).await
+}
+
+/// [`request`] with exactly `headers` (a customer's, none at all).
+pub async fn request_with(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+    headers: reqwest::header::HeaderMap,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, url).headers(headers);
     if let Some(body) = body {
         request = request.json(body);
     }
@@ -48,8 +94,12 @@ pub fn fields(body: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A service's router as it runs: with probes (always ready) and the conventions.
+/// A service's router as it runs: with probes (always ready), the conventions, and
+/// behind [`CREDENTIAL`].
 pub fn app(router: Router) -> Router {
     let ready: crate::ReadyCheck = std::sync::Arc::new(|| Box::pin(async { Ok(()) }));
-    crate::conventions(router.merge(crate::probes(ready, None)))
+    crate::guarded(
+        crate::conventions(router.merge(crate::probes(ready, None))),
+        credential(),
+    )
 }

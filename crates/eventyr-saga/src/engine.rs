@@ -240,8 +240,14 @@ impl SagaEngine {
                     let permit = permit.map_err(|_| EngineError::Stopped)?;
                     let id = recovering.pop().expect("guarded");
                     if !sagas.active.contains_key(&id) {
-                        let state = load(&shared.store, &id).await?;
-                        sagas.resume(&shared, state, permit);
+                        match load(&shared.store, &id).await {
+                            Ok(state) => sagas.resume(&shared, state, permit),
+                            // One saga's unreadable log stops that saga, not the engine.
+                            Err(EngineError::Corrupt { message, .. }) => {
+                                quarantine(&shared, &id, &message).await?;
+                            }
+                            Err(other) => return Err(other),
+                        }
                     }
                 }
                 command = commands.recv(), if commands_open => match command {
@@ -437,10 +443,13 @@ pub(crate) async fn list(
 ) -> Result<Vec<SagaSummary>, EngineError> {
     let mut sagas: HashMap<String, SagaSummary> = HashMap::new();
     scan(store, |id, event| {
-        sagas
-            .entry(id.to_owned())
-            .or_insert_with(|| SagaSummary::empty(id))
-            .apply(event);
+        // An unreadable event is left out (recovery ends such a saga FAILED, flagged).
+        if let Ok(event) = event {
+            sagas
+                .entry(id.to_owned())
+                .or_insert_with(|| SagaSummary::empty(id))
+                .apply(event);
+        }
     })
     .await?;
     let mut sagas: Vec<SagaSummary> = sagas
@@ -612,10 +621,28 @@ async fn load(store: &Arc<dyn EventStore>, id: &str) -> Result<SagaState, Engine
     Ok(SagaState::replay(id, events.iter().map(|(_, e)| e)))
 }
 
-/// Calls `each(saga id, event)` for every saga event in the store, in order.
+/// A saga whose log cannot be read (an event that does not decode): ended FAILED and
+/// flagged for manual intervention, so that the engine goes on with the others.
+async fn quarantine(shared: &Shared, id: &str, message: &str) -> Result<(), EngineError> {
+    tracing::error!(saga = %id, error = %message, "a saga's log cannot be read; it is FAILED and flagged for manual intervention");
+    let finished = SagaEvent::SagaFinished {
+        status: SagaStatus::Failed,
+        reason: Some(format!("the saga log cannot be read: {message}")),
+        flagged: true,
+        at: shared.clock.now(),
+    };
+    let event = NewEvent::json(finished.type_name(), &finished).map_err(StoreError::from)?;
+    let append = StreamAppend::new(stream_of(id)?, ExpectedVersion::Any, vec![event]);
+    shared.store.append(append).await?;
+    metrics::counter!(names::SAGA_CORRUPT_TOTAL).increment(1);
+    Ok(())
+}
+
+/// Calls `each(saga id, event)` for every saga event in the store, in order; an
+/// event that does not decode is `Err` with why.
 async fn scan(
     store: &Arc<dyn EventStore>,
-    mut each: impl FnMut(&str, &SagaEvent),
+    mut each: impl FnMut(&str, Result<&SagaEvent, String>),
 ) -> Result<(), EngineError> {
     let mut read = ReadAll::from(eventyr_core::Position::FIRST)
         .limit(1000)
@@ -624,7 +651,10 @@ async fn scan(
         let slice = store.read_all(&read).await?;
         for event in &slice.events {
             let id = &event.stream_id.as_str()[STREAM_PREFIX.len()..];
-            each(id, &decode(id, &event.data)?);
+            match decode(id, &event.data) {
+                Ok(decoded) => each(id, Ok(&decoded)),
+                Err(error) => each(id, Err(error.to_string())),
+            }
         }
         if slice.is_end() {
             return Ok(());
@@ -638,13 +668,15 @@ async fn scan(
 async fn unfinished(store: &Arc<dyn EventStore>) -> Result<Vec<String>, EngineError> {
     let mut open: BTreeMap<String, bool> = BTreeMap::new();
     scan(store, |id, event| match event {
-        SagaEvent::SagaFinished { .. } => {
+        Ok(SagaEvent::SagaFinished { .. }) => {
             open.remove(id);
         }
-        SagaEvent::SagaStarted { .. } | SagaEvent::RetryRequested { .. } => {
+        // An unreadable event of a saga not finished after it: recovered, so that it
+        // is found corrupt and quarantined.
+        Ok(SagaEvent::SagaStarted { .. } | SagaEvent::RetryRequested { .. }) | Err(_) => {
             open.insert(id.to_owned(), true);
         }
-        _ => {}
+        Ok(_) => {}
     })
     .await?;
     Ok(open.into_keys().collect())

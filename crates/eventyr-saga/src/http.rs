@@ -156,8 +156,18 @@ const ATTEMPT_MIN: Duration = Duration::from_millis(100);
 impl HttpParticipants {
     /// Errors: the HTTP client cannot be built.
     pub fn new(clock: Arc<dyn Clock>) -> Result<Self, reqwest::Error> {
+        Self::with_headers(clock, reqwest::header::HeaderMap::new())
+    }
+
+    /// Sending `headers` (the participants' internal credential) with every call.
+    /// Errors: the HTTP client cannot be built.
+    pub fn with_headers(
+        clock: Arc<dyn Clock>,
+        headers: reqwest::header::HeaderMap,
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(30))
+            .default_headers(headers)
             .build()?;
         Ok(Self {
             client,
@@ -282,7 +292,12 @@ fn outcome(url: &str, status: StatusCode, body: &[u8]) -> Result<Value, Failure>
         .get("message")
         .and_then(Value::as_str)
         .map_or_else(|| String::from_utf8_lossy(body).into_owned(), str::to_owned);
-    let error = format!("POST {url}: {status}: {message}");
+    // The participant's stable code first (`out_of_stock`, `payment_declined`...):
+    // what the saga's owner can tell its own customers.
+    let error = match value.get("error").and_then(Value::as_str) {
+        Some(code) => format!("POST {url}: {status}: {code}: {message}"),
+        None => format!("POST {url}: {status}: {message}"),
+    };
     let transient = status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS;
@@ -297,10 +312,17 @@ const ANSWER_MAX_BYTES: usize = 1 << 20;
 /// the same headers) and the same reading of the answer, without a socket. For a
 /// service that takes its steps from the bus ([`crate::CommandHandler`]) or reacts in
 /// a choreography ([`crate::choreography::Chain`]) with the handlers its HTTP API has.
-pub fn local_step(router: Router, action: &str, compensation: Option<&str>) -> StepHandler {
+/// `headers` go with every call (the service's internal credential).
+pub fn local_step(
+    router: Router,
+    action: &str,
+    compensation: Option<&str>,
+    headers: axum::http::HeaderMap,
+) -> StepHandler {
     let (action, compensation) = (action.to_owned(), compensation.map(str::to_owned));
     Arc::new(move |call: StepCall| {
         let router = router.clone();
+        let headers = headers.clone();
         let template = if call.compensation {
             compensation.clone()
         } else {
@@ -318,8 +340,9 @@ pub fn local_step(router: Router, action: &str, compensation: Option<&str>) -> S
             let body = serde_json::to_vec(&call.body)
                 .map_err(|e| Failure::permanent(format!("the request is not JSON: {e}")))?;
             let mut request = axum::http::Request::post(&url);
-            if let Some(headers) = request.headers_mut() {
-                headers.extend(eventyr_telemetry::trace::headers());
+            if let Some(request_headers) = request.headers_mut() {
+                request_headers.extend(headers);
+                request_headers.extend(eventyr_telemetry::trace::headers());
             }
             let request = request
                 .header(axum::http::header::CONTENT_TYPE, "application/json")

@@ -446,3 +446,70 @@ async fn a_start_by_business_key_is_idempotent() {
     assert_eq!(bad.code(), "invalid_input");
     engine.stop().await;
 }
+
+/// A saga whose log holds an event that does not decode (a damaged store, a newer
+/// version's event) ends FAILED and flagged at recovery; the engine goes on with the
+/// others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_saga_log_fails_that_saga_and_the_others_go_on() {
+    let world = World::new();
+    lock(&world.participants.behaviour)
+        .hang
+        .insert("flight".into(), 2);
+    let first = world.start();
+    let damaged = first
+        .handle
+        .start("trip", json!({}), None)
+        .await
+        .expect("starts");
+    let healthy = first
+        .handle
+        .start("trip", json!({}), None)
+        .await
+        .expect("starts");
+    first.stop().await;
+    let garbage = eventyr_core::NewEvent::json("StepSucceeded", &json!({ "not": "a saga event" }))
+        .expect("json");
+    let stream = eventyr_core::StreamId::new(format!("saga-{damaged}")).expect("id");
+    world
+        .store
+        .append(eventyr_store::StreamAppend::new(
+            stream,
+            eventyr_store::ExpectedVersion::Any,
+            vec![garbage],
+        ))
+        .await
+        .expect("append");
+
+    let second = world.start();
+    wait_for(&second.handle, &healthy, SagaStatus::Completed).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let failed = second
+            .handle
+            .list(Some(SagaStatus::Failed), 10)
+            .await
+            .expect("list");
+        if let Some(summary) = failed.iter().find(|s| s.id == damaged) {
+            assert!(summary.flagged, "{summary:?}");
+            assert!(
+                summary
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("cannot be read")),
+                "{summary:?}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never failed: {failed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    second.stop().await;
+    // A third start finds nothing left to recover of it.
+    let third = world.start();
+    third.stop().await;
+    drop(world.dir);
+}

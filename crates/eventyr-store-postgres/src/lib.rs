@@ -259,6 +259,13 @@ impl EventStore for PostgresStore {
     fn limits(&self) -> &Limits {
         &self.inner.limits
     }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        if self.inner.requests.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
 }
 
 /// Drops a store's schema and everything in it. For benchmarks and tests that create

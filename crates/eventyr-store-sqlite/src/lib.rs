@@ -327,4 +327,12 @@ impl EventStore for SqliteStore {
     fn limits(&self) -> &Limits {
         &self.inner.limits
     }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        self.inner.durability.check()?;
+        if self.inner.requests.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
 }

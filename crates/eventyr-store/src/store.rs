@@ -87,6 +87,12 @@ pub trait EventStore: Send + Sync + fmt::Debug {
 
     /// The bounds this store enforces.
     fn limits(&self) -> &Limits;
+
+    /// Whether this instance still takes writes: an error once its writer has
+    /// stopped for good (a failed flush, the writer gone) — what readiness reports.
+    fn writable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Checks a snapshot before it reaches a writer: its size.

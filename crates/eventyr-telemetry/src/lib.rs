@@ -1,12 +1,14 @@
 //! Telemetry for every Eventyr process: the metric names ([`names`]), the Prometheus
 //! recorder the binary installs, the spans and trace context that follow a request
-//! across HTTP and the bus ([`trace`]), and structured logs ([`logs`]).
+//! across HTTP and the bus ([`trace`]), the identity headers of every hop
+//! ([`identity`]), and structured logs ([`logs`]).
 //!
 //! Libraries record through the `metrics` and `tracing` facades with names from this
 //! crate; only the binary calls [`install_prometheus`] and [`init`]. Labels stay
 //! bounded: aggregate kinds, command and projection names, outcomes — never ids or raw
 //! paths.
 
+pub mod identity;
 pub mod logs;
 pub mod names;
 pub mod trace;

@@ -95,6 +95,14 @@ pub const GATEWAY_CIRCUIT_OPEN: &str = "eventyr_gateway_circuit_open";
 pub const GATEWAY_SHED_TOTAL: &str = "eventyr_gateway_shed_total";
 /// Credentials the gateway refused (security events), by reason.
 pub const GATEWAY_AUTH_FAILURES_TOTAL: &str = "eventyr_gateway_auth_failures_total";
+/// Connections a listener closed at once, by listener and reason (`max_connections`,
+/// `down`).
+pub const HTTP_CONNECTIONS_REJECTED_TOTAL: &str = "eventyr_http_connections_rejected_total";
+/// Label: which of a process's listeners (from the code: bounded).
+pub const LABEL_LISTENER: &str = "listener";
+/// Requests a service refused for who sent them (no internal credential, not the
+/// owner, not allowed), by reason.
+pub const SERVICE_SECURITY_EVENTS_TOTAL: &str = "eventyr_service_security_events_total";
 /// Rate-limit decisions, by rule and decision (`allowed`, `limited`, `shadow_limited`,
 /// `backend_error`).
 pub const GATEWAY_RATELIMIT_DECISIONS_TOTAL: &str = "eventyr_gateway_ratelimit_decisions_total";
@@ -108,6 +116,8 @@ pub const LABEL_CLUSTER: &str = "cluster";
 pub const LABEL_REASON: &str = "reason";
 /// Label: a gateway route's name (from its configuration: bounded).
 pub const LABEL_ROUTE: &str = "route";
+/// Sagas whose log could not be read, ended FAILED and flagged.
+pub const SAGA_CORRUPT_TOTAL: &str = "eventyr_saga_corrupt_total";
 /// Timers armed and not yet rung (deadlines and retries).
 pub const SAGA_TIMERS_PENDING: &str = "eventyr_saga_timers_pending";
 
@@ -272,6 +282,10 @@ pub fn describe() {
         "Compensations given up on: the saga is FAILED and flagged for manual intervention."
     );
     describe_gauge!(SAGA_TIMERS_PENDING, "Saga timers armed and not yet rung.");
+    describe_counter!(
+        SAGA_CORRUPT_TOTAL,
+        "Sagas whose log could not be read at recovery: ended FAILED and flagged for manual intervention."
+    );
     describe_gauge!(
         SAGA_CIRCUIT_OPEN,
         "1 while the circuit breaker of a saga step's HTTP participant is open, by step."
@@ -287,6 +301,14 @@ pub fn describe() {
     describe_counter!(
         GATEWAY_AUTH_FAILURES_TOTAL,
         "Credentials the gateway refused (invalid tokens, unknown API keys, missing or insufficient credentials), by reason."
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_REJECTED_TOTAL,
+        "Connections a listener closed at once (at its connection limit, or while down), by listener and reason."
+    );
+    describe_counter!(
+        SERVICE_SECURITY_EVENTS_TOTAL,
+        "Requests the services refused for who sent them (no internal credential, another customer's resource, an admin operation), by reason."
     );
     describe_counter!(
         GATEWAY_RATELIMIT_DECISIONS_TOTAL,

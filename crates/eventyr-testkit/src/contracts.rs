@@ -98,6 +98,8 @@ mod tests {
 pub struct Contract {
     pub service: String,
     doc: Value,
+    /// Sent with every call (the internal credential, a caller's identity).
+    headers: reqwest::header::HeaderMap,
 }
 
 fn load_yaml(name: &str) -> Value {
@@ -160,7 +162,14 @@ impl Contract {
         Self {
             service: service.to_owned(),
             doc,
+            headers: reqwest::header::HeaderMap::new(),
         }
+    }
+
+    /// Calling with `headers` (the internal credential, a caller's identity).
+    pub fn with_headers(mut self, headers: reqwest::header::HeaderMap) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// Every (path template, method) the contract declares.
@@ -230,6 +239,7 @@ impl Contract {
             reqwest::Method::from_bytes(method_upper.as_bytes()).expect("a method"),
             &url,
         );
+        request = request.headers(self.headers.clone());
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -258,6 +268,44 @@ impl Contract {
                 "{} does not serve {method} {path}: {status} {body}",
                 self.service
             );
+        }
+    }
+}
+
+impl Contract {
+    /// Who may call: without the headers this contract was given (the internal
+    /// credential), every operation but the probes and `/metrics` is 401; as
+    /// `customer` (a customer's identity with the credential), every `/internal/*`
+    /// and `/admin/*` operation is 403. Each answer is checked against the contract.
+    pub async fn check_access(
+        &self,
+        base: &str,
+        fill: &[(&str, &str)],
+        customer: reqwest::header::HeaderMap,
+    ) {
+        let open = ["/health/live", "/health/ready", "/metrics"];
+        let anonymous = self.clone().with_headers(reqwest::header::HeaderMap::new());
+        let as_customer = self.clone().with_headers(customer);
+        for (path, method) in self.operations() {
+            let needs_body = self.doc["paths"][&path][&method]["requestBody"]["required"] == true;
+            let empty = serde_json::json!({});
+            let body = needs_body.then_some(&empty);
+            if !open.contains(&path.as_str()) {
+                let (status, answer) = anonymous.call(base, &method, &path, fill, body).await;
+                assert_eq!(
+                    status, 401,
+                    "{} {method} {path} without the credential: {answer}",
+                    self.service
+                );
+            }
+            if path.starts_with("/internal/") || path.starts_with("/admin/") {
+                let (status, answer) = as_customer.call(base, &method, &path, fill, body).await;
+                assert_eq!(
+                    status, 403,
+                    "{} {method} {path} as a customer: {answer}",
+                    self.service
+                );
+            }
         }
     }
 }

@@ -214,6 +214,21 @@ pub struct UpArgs {
     /// orchestrated). Orders under way finish the way they began.
     #[arg(long, env = "EVENTYR_SAGA_MODE", value_enum)]
     pub saga_mode: Option<SagaModeArg>,
+    /// The internal credential the services' listeners ask for (at least 32 visible
+    /// characters); default: a random one for each start.
+    #[arg(long, env = "EVENTYR_INTERNAL_CREDENTIAL", hide_env_values = true)]
+    pub internal_credential: Option<String>,
+    /// Start without the demo users (alice, bob, admin): nobody can log in.
+    #[arg(long)]
+    pub no_demo: bool,
+    /// Let the demo users (whose passwords are their names) log in even though
+    /// `--listen` is not a loopback address.
+    #[arg(long)]
+    pub demo_on_network: bool,
+    /// A host name the dashboard and the admin API answer for, besides localhost and
+    /// the listen address (repeatable; others get 421: no DNS rebinding).
+    #[arg(long = "allowed-host")]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// `orchestrated` (the saga engine calls each service) or `choreographed` (each

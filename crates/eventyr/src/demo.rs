@@ -51,18 +51,14 @@ fn plan(args: &DemoArgs, seed: u64) -> Vec<Planned> {
         .collect()
 }
 
-/// A short name of why an order failed.
+/// A short name of why an order failed (the order's failure code).
 fn reason_class(reason: &str) -> &'static str {
-    if reason.contains("points requested") {
-        "insufficient points"
-    } else if reason.contains("available") || reason.contains("out_of_stock") {
-        "out of stock"
-    } else if reason.contains("declined") {
-        "payment declined"
-    } else if reason.contains("timed out") || reason.contains("no answer") {
-        "timeout"
-    } else {
-        "other"
+    match reason {
+        "insufficient_points" => "insufficient points",
+        "out_of_stock" => "out of stock",
+        "payment_declined" => "payment declined",
+        "cancelled_by_operator" => "cancelled",
+        _ => "other",
     }
 }
 

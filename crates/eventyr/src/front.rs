@@ -69,24 +69,45 @@ fn secrets(dir: &Path) -> anyhow::Result<Secrets> {
 
 /// The gateway's configuration in front of the services' API at `internal`, with
 /// its admin API at `admin`.
-pub fn config(
-    dir: &Path,
-    internal: SocketAddr,
-    admin: SocketAddr,
-) -> anyhow::Result<GatewayConfig> {
+pub fn config(dir: &Path, front: &Front<'_>, admin: SocketAddr) -> anyhow::Result<GatewayConfig> {
+    let (internal, credential) = (front.internal, front.credential);
+    // The browser-facing routes answer only for the names this gateway is reached
+    // by (no DNS rebinding): the local ones, its own address, the configured ones.
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+        .map(str::to_owned)
+        .to_vec();
+    let ip = front.listen.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        names.push(match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        });
+    }
+    names.extend(front.allowed_hosts.iter().cloned());
+    let hosts = serde_json::to_string(&names)?;
     let secrets = secrets(dir)?;
     let mut users = String::new();
-    for (name, role) in DEMO_USERS {
+    let demo: &[(&str, &str)] = if front.demo_users { &DEMO_USERS } else { &[] };
+    for &(name, role) in demo {
         let hash = hash_password(name).map_err(anyhow::Error::msg)?;
+        // A customer owns the customer id of their name (PLAN.md's demo data).
+        let customer = if role == "customer" {
+            format!(", customer_id = \"{name}\"")
+        } else {
+            String::new()
+        };
         users.push_str(&format!(
-            "  {{ name = \"{name}\", password_hash = \"{hash}\", roles = [\"{role}\"] }},\n"
+            "  {{ name = \"{name}\", password_hash = \"{hash}\", roles = [\"{role}\"]{customer} }},\n"
         ));
     }
     let sessions = dir.join("sessions.db");
     let text = format!(
         r#"
+internal_credential = "{credential}"
+
 [auth]
 issuer = "eventyr"
+audience = "eventyr-api"
 roles = {{ customer = [{CUSTOMER}], admin = ["*"] }}
 
 [sessions]
@@ -105,11 +126,13 @@ max_concurrent = 4096
 name = "gateway-admin"
 endpoints = [{{ url = "http://{admin}" }}]
 
-{ROUTES}
+{routes}
 "#,
         sessions = sessions.display(),
         access = secrets.access_secret,
         refresh = secrets.refresh_secret,
+        credential = credential.expose(),
+        routes = ROUTES.replace("HOSTS", &hosts),
     );
     GatewayConfig::parse(&text).context("the gateway configuration of eventyr up")
 }
@@ -143,7 +166,7 @@ path = { template = "/api/orders/{id}/details" }
 methods = ["GET"]
 permissions = ["orders:read", "payments:read", "shipments:read"]
 aggregate = [
-  { name = "order", cluster = "services", path = "/api/orders/{id}", timeout = "2s" },
+  { name = "order", cluster = "services", path = "/api/orders/{id}", timeout = "2s", required = true },
   { name = "payments", cluster = "services", path = "/api/payments?order_id={id}", timeout = "2s" },
   { name = "shipments", cluster = "services", path = "/api/shipments?order_id={id}", timeout = "2s" },
 ]
@@ -207,6 +230,7 @@ cluster = "services"
 
 [[routes]]
 name = "gateway-routes"
+allowed_hosts = HOSTS
 path = { exact = "/admin/routes" }
 methods = ["GET"]
 permissions = ["admin:gateway"]
@@ -214,6 +238,7 @@ cluster = "gateway-admin"
 
 [[routes]]
 name = "gateway-clusters"
+allowed_hosts = HOSTS
 path = { exact = "/admin/clusters" }
 methods = ["GET"]
 permissions = ["admin:gateway"]
@@ -221,6 +246,7 @@ cluster = "gateway-admin"
 
 [[routes]]
 name = "gateway-ratelimits"
+allowed_hosts = HOSTS
 path = { exact = "/admin/ratelimits" }
 methods = ["GET"]
 permissions = ["admin:gateway"]
@@ -228,12 +254,14 @@ cluster = "gateway-admin"
 
 [[routes]]
 name = "admin"
+allowed_hosts = HOSTS
 path = { prefix = "/admin" }
 permissions = ["admin:all"]
 cluster = "services"
 
 [[routes]]
 name = "dashboard"
+allowed_hosts = HOSTS
 path = { prefix = "/dashboard" }
 methods = ["GET"]
 cluster = "services"
@@ -269,21 +297,34 @@ burst = 10000
 key = "consumer"
 "#;
 
-/// Serves the gateway on `listen` in front of `internal` until `stop` rings; its
-/// address, and the gateway (for the dashboard).
+/// Where the gateway listens and what it fronts.
+pub struct Front<'a> {
+    pub listen: SocketAddr,
+    /// The services' API.
+    pub internal: SocketAddr,
+    /// What the gateway presents to it.
+    pub credential: &'a eventyr_http::Credential,
+    /// Whether the demo users may log in.
+    pub demo_users: bool,
+    /// More names the dashboard and the admin API answer for (`--allowed-host`).
+    pub allowed_hosts: &'a [String],
+}
+
+/// Serves the gateway on `front.listen` in front of the services' API until `stop`
+/// rings; its address, and the gateway (for the dashboard).
 pub async fn serve(
     data_dir: &Path,
-    listen: SocketAddr,
-    internal: SocketAddr,
+    front: Front<'_>,
     stop: watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<(SocketAddr, Arc<Gateway>)> {
+    let listen = front.listen;
     let dir = data_dir.join("gateway");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let admin_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .context("cannot listen on 127.0.0.1")?;
-    let config = config(&dir, internal, admin_listener.local_addr()?)?;
+    let config = config(&dir, &front, admin_listener.local_addr()?)?;
     let gateway = Gateway::new(&config, None).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -32,6 +32,9 @@ use eventyr_saga::Action;
 use crate::cli::{Cli, Command, DlqCommand, EventsCommand, ProjectionCommand, SagaCommand};
 
 fn main() -> ExitCode {
+    // Everything this process creates — stores, inboxes, sessions, token keys — is
+    // its owner's alone: other users of the host read none of it.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let (config, telemetry) = match load(&cli) {
         Ok(loaded) => loaded,

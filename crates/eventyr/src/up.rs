@@ -18,7 +18,7 @@ use eventyr_bus::{
 };
 use eventyr_core::{SystemClock, Timestamp};
 use eventyr_cqrs::{Aggregate, Command, CommandHandler, DomainEvent, HandlerOptions, Upcasters};
-use eventyr_http::{Faults, ReadyCheck, conventions, probes};
+use eventyr_http::{Credential, Faults, ReadyCheck, conventions, guarded, probes};
 use eventyr_saga::choreography::{FlowStatus, Tracker, TrackerHandler};
 use eventyr_saga::{
     BusParticipants, CommandHandler as BusCommands, EngineOptions, HttpParticipants, InProcess,
@@ -60,43 +60,63 @@ fn handler<A: Aggregate>(store: &Arc<dyn EventStore>) -> Arc<CommandHandler<A>> 
     ))
 }
 
+/// How often `up` looks for orders whose saga never started, and how old such an
+/// order must be (younger ones are still starting their saga themselves).
+const ORPHANS_EVERY: Duration = Duration::from_secs(2);
+const ORPHANS_GRACE: Duration = Duration::from_secs(5);
+
 /// Events between two snapshots of an aggregate.
 const SNAPSHOT_EVERY: u64 = 50;
 
-/// Serves `router` on `address` until `stop` rings.
+/// How long a stop waits for the requests under way.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Serves `router` on a loopback port until `stop` rings — on the server every
+/// listener runs on (connections, idle time and headers bounded); while `down` says
+/// so, every connection is closed at once (the port stays ours).
 async fn serve(
-    address: SocketAddr,
+    name: &'static str,
     router: Router,
     mut stop: watch::Receiver<bool>,
+    down: Option<watch::Receiver<bool>>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(address)
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
-        .with_context(|| format!("cannot listen on {address}"))?;
+        .context("cannot listen on 127.0.0.1")?;
     let bound = listener.local_addr()?;
-    tasks.push(tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(error) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(%error, "a listener failed");
-        }
-    }));
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let service = move |_peer| router.clone();
+    tasks.push(tokio::spawn(eventyr_gateway::server::serve(
+        name,
+        listener,
+        eventyr_gateway::server::ServerLimits::default(),
+        service,
+        shutdown,
+        GRACE,
+        down,
+    )));
     Ok(bound)
 }
 
-/// Ready when the service's store and its end of the bus (its inbox database) answer.
-fn ready(store: &Arc<dyn EventStore>, inbox: &Arc<dyn ReadModels>) -> ReadyCheck {
+/// What else a service needs running to be ready (the order service: its saga
+/// engine and its projections); `Err` says what stopped.
+type Running = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Ready when the service's store answers and still takes writes, its end of the bus
+/// (its inbox database) answers, and what else it needs runs.
+fn ready(store: &Arc<dyn EventStore>, inbox: &Arc<dyn ReadModels>, running: Running) -> ReadyCheck {
     let (store, inbox) = (Arc::clone(store), Arc::clone(inbox));
     Arc::new(move || {
-        let (store, inbox) = (Arc::clone(&store), Arc::clone(&inbox));
+        let (store, inbox, running) =
+            (Arc::clone(&store), Arc::clone(&inbox), Arc::clone(&running));
         Box::pin(async move {
+            store.writable().map_err(|e| format!("store writer: {e}"))?;
             store.head().await.map_err(|e| format!("store: {e}"))?;
             inbox.list().await.map_err(|e| format!("bus inbox: {e}"))?;
-            Ok(())
+            running()
         })
     })
 }
@@ -230,8 +250,11 @@ fn payments_of_order(store: &Arc<dyn EventStore>) -> payment::api::PaymentsOfOrd
 }
 
 /// A SKU's price, asked of the inventory over HTTP (services share no tables).
-fn prices(inventory: SocketAddr) -> order::api::PriceOf {
-    let client = reqwest::Client::new();
+fn prices(inventory: SocketAddr, credential: &Credential) -> order::api::PriceOf {
+    let client = reqwest::Client::builder()
+        .default_headers(credential.headers())
+        .build()
+        .unwrap_or_default();
     Arc::new(move |sku: String| {
         let client = client.clone();
         async move {
@@ -254,16 +277,40 @@ fn prices(inventory: SocketAddr) -> order::api::PriceOf {
     })
 }
 
+/// How `up` starts, from its flags.
+pub struct StartOptions {
+    pub listen: SocketAddr,
+    pub mode: SagaMode,
+    /// The internal credential; None: a random one.
+    pub credential: Option<String>,
+    /// Whether the demo users may log in.
+    pub demo_users: bool,
+    /// `--allowed-host`.
+    pub allowed_hosts: Vec<String>,
+}
+
 /// Starts the system; it runs until `stop` rings. Returns its addresses.
 pub async fn start(
     data_dir: &Path,
-    listen: SocketAddr,
+    options: StartOptions,
     config: &Config,
-    mode: SagaMode,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Addresses> {
+    let StartOptions {
+        listen,
+        mode,
+        credential,
+        demo_users,
+        allowed_hosts,
+    } = options;
     let dir = data_dir.join("services");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // A data directory of an earlier version may be open to others: no longer.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} its owner's", data_dir.display()))?;
+    }
     let mut tasks = Vec::new();
     let open = |name: &str| stores::open_sqlite(&dir.join(format!("{name}.db")), config);
     let (inventory_store, payment_store, points_store) =
@@ -278,12 +325,21 @@ pub async fn start(
     // One recorder for the process; every listener serves it on /metrics. (A second
     // start in the same process keeps the first recorder.)
     let metrics = eventyr_telemetry::install_prometheus().ok();
+    // The internal credential of this start: every listener asks for it; the
+    // gateway, the saga engine and the services' consumers send it.
+    let credential =
+        Credential::new(credential.unwrap_or_else(eventyr_gateway::session::random_secret))
+            .map_err(|e| anyhow::anyhow!("--internal-credential: {e}"))?;
     let with_probes = |name: &'static str,
                        router: Router,
                        store: &Arc<dyn EventStore>,
-                       inbox: &Arc<dyn ReadModels>| {
-        let router = router.merge(probes(ready(store, inbox), metrics.clone()));
-        conventions(eventyr_http::traced(name, router))
+                       inbox: &Arc<dyn ReadModels>,
+                       running: Running| {
+        let router = router.merge(probes(ready(store, inbox, running), metrics.clone()));
+        guarded(
+            conventions(eventyr_http::traced(name, router)),
+            credential.clone(),
+        )
     };
     let inventory_state = inventory::api::Inventory {
         items,
@@ -342,10 +398,11 @@ pub async fn start(
     let mut services = Vec::new();
     for (name, store, router, faults) in participants {
         let inbox = inbox(&dir, name)?;
-        let router = with_probes(name, router, store, &inbox);
-        let address = serve_service(router.clone(), faults, stop.clone(), &mut tasks).await?;
+        let router = with_probes(name, router, store, &inbox, Arc::new(|| Ok(())));
+        let address = serve_service(name, router.clone(), faults, stop.clone(), &mut tasks).await?;
         services.push(Service {
             name,
+            credential: credential.clone(),
             store: Arc::clone(store),
             router,
             faults: faults.clone(),
@@ -392,7 +449,7 @@ pub async fn start(
     // Orchestrated: inventory and payment over HTTP (synchronous, with timeouts,
     // retries, a circuit breaker and a bulkhead each); points, shipping and
     // notification over the bus; the order service's own steps in process.
-    let mut remote = HttpParticipants::new(Arc::new(SystemClock))?;
+    let mut remote = HttpParticipants::with_headers(Arc::new(SystemClock), credential.headers())?;
     let mut over_bus: Vec<&'static str> = Vec::new();
     for (step, owner, action, compensation) in STEP_PATHS {
         if OVER_HTTP.contains(&step) {
@@ -518,13 +575,27 @@ pub async fn start(
         }));
     }
 
+    // The engine ending before the stop (an error it cannot get past) makes the
+    // order service unready.
+    let engine_ended: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let mut engine_stop = stop.clone();
+    let ended = Arc::clone(&engine_ended);
     tasks.push(tokio::spawn(async move {
+        let stopping = engine_stop.clone();
         let stopped = async move {
             let _ = engine_stop.wait_for(|s| *s).await;
         };
-        if let Err(error) = engine.run(stopped).await {
+        let outcome = engine.run(stopped).await;
+        if let Err(error) = &outcome {
             tracing::error!(%error, "the saga engine stopped");
+        }
+        if !*stopping.borrow() {
+            let why = outcome
+                .err()
+                .map_or_else(|| "it ended".to_owned(), |e| e.to_string());
+            *ended
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
         }
     }));
 
@@ -534,6 +605,19 @@ pub async fn start(
         .map_err(|e| {
             anyhow::anyhow!("cannot restart the sagas of pending orders: {}", e.message)
         })?;
+    // And while it runs: an order whose request was cut off between placing it and
+    // starting its saga gets its saga within seconds.
+    let mut orphans_stop = stop.clone();
+    tasks.push(tokio::spawn(order::api::start_orphaned_sagas(
+        Arc::clone(&orders),
+        Arc::clone(&order_store),
+        sagas.clone(),
+        ORPHANS_EVERY,
+        ORPHANS_GRACE,
+        async move {
+            let _ = orphans_stop.wait_for(|s| *s).await;
+        },
+    )));
     // The order list: a projection of the order store into its own read model.
     let read_models: Arc<dyn ReadModels> = Arc::new(eventyr_store_sqlite::SqliteReadModels::open(
         dir.join("order-read"),
@@ -559,7 +643,7 @@ pub async fn start(
     let public = order::api::router(order::api::Orders {
         orders,
         sagas: sagas.clone(),
-        prices: prices(inventory_address),
+        prices: prices(inventory_address, &credential),
         read_models,
         mode,
     })
@@ -583,19 +667,41 @@ pub async fn start(
     let stores = std::iter::once(("order", Arc::clone(&order_store)))
         .chain(services.iter().map(|s| (s.name, Arc::clone(&s.store))))
         .collect();
-    let dashboard = Dashboard::new(monitor, projections, metrics.clone(), stores);
+    let dashboard = Dashboard::new(monitor, projections.clone(), metrics.clone(), stores);
     tasks.push(tokio::spawn(Arc::clone(&dashboard).run(stop.clone())));
     let public = public.merge(crate::dashboard::router(Arc::clone(&dashboard)));
-    let internal = with_probes("api", public, &order_store, &order_inbox);
-    let internal = serve(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        internal,
-        stop.clone(),
+    let running: Running = {
+        let projections = projections.clone();
+        Arc::new(move || {
+            if let Some(why) = &*engine_ended
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            {
+                return Err(format!("the saga engine stopped: {why}"));
+            }
+            for status in projections.status() {
+                if let eventyr_cqrs::ProjectionState::Failed { error } = &status.state {
+                    return Err(format!("projection {} stopped: {error}", status.name));
+                }
+            }
+            Ok(())
+        })
+    };
+    let internal = with_probes("api", public, &order_store, &order_inbox, running);
+    let internal = serve("api", internal, stop.clone(), None, &mut tasks).await?;
+    let (public, gateway) = crate::front::serve(
+        data_dir,
+        crate::front::Front {
+            listen,
+            internal,
+            credential: &credential,
+            demo_users,
+            allowed_hosts: &allowed_hosts,
+        },
+        stop,
         &mut tasks,
     )
     .await?;
-    let (public, gateway) =
-        crate::front::serve(data_dir, listen, internal, stop, &mut tasks).await?;
     let _ = dashboard.gateway.set(gateway);
     let _ = dashboard.services.set(
         std::iter::once(("order", internal))
@@ -613,6 +719,8 @@ pub async fn start(
 /// A participant service as `up` wires it.
 struct Service {
     name: &'static str,
+    /// What its consumers present to its routes.
+    credential: Credential,
     store: Arc<dyn EventStore>,
     /// Its routes, served on `address` and called in process by its bus consumers.
     router: Router,
@@ -676,7 +784,12 @@ fn step_handlers(service: &Service) -> Vec<(String, StepHandler)> {
         .iter()
         .filter(|(_, owner, ..)| *owner == service.name)
         .map(|(step, _, action, compensation)| {
-            let handler = eventyr_saga::local_step(service.router.clone(), action, *compensation);
+            let handler = eventyr_saga::local_step(
+                service.router.clone(),
+                action,
+                *compensation,
+                service.credential.headers(),
+            );
             ((*step).to_owned(), handler)
         })
         .collect()
@@ -888,11 +1001,26 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
         Some(SagaModeArg::Choreographed) => SagaMode::Choreographed,
         Some(SagaModeArg::Orchestrated) | None => SagaMode::Orchestrated,
     };
-    let addresses = start(&config.data_dir, args.listen, config, mode, stopped).await?;
+    let loopback = args.listen.ip().is_loopback();
+    if !args.no_demo && !loopback && !args.demo_on_network {
+        anyhow::bail!(
+            "--listen {} is not a loopback address and the demo users' passwords are their \
+             names: start with --no-demo, or say --demo-on-network if you mean it",
+            args.listen
+        );
+    }
+    let options = StartOptions {
+        listen: args.listen,
+        mode,
+        credential: args.internal_credential.clone(),
+        demo_users: !args.no_demo,
+        allowed_hosts: args.allowed_hosts.clone(),
+    };
+    let addresses = start(&config.data_dir, options, config, stopped).await?;
     println!("eventyr is up ({}).", config.data_dir.display());
     println!("public API on http://{}", addresses.public);
     println!(
-        "services' API on http://{} (loopback, behind the gateway, no login)",
+        "services' API on http://{} (loopback, behind the gateway, internal credential only)",
         addresses.internal
     );
     let mode_name = match mode {
@@ -974,53 +1102,24 @@ async fn reconcile_every(config: Config, period: Duration, mut stop: watch::Rece
 }
 
 /// Serves a service on a loopback port of its own. While its `down` knob is set, the
-/// listener is closed (connections are refused), then opened again on the same port.
+/// listener closes every connection at once (as if nothing listened) without giving
+/// its port away, so no other process can take it meanwhile.
 async fn serve_service(
+    name: &'static str,
     router: Router,
     faults: &Faults,
     stop: watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-        .await
-        .context("cannot listen on 127.0.0.1")?;
-    let address = listener.local_addr()?;
     let mut knobs = faults.watch();
+    let (down_sender, down) = watch::channel(knobs.borrow().down);
     tasks.push(tokio::spawn(async move {
-        let mut stop = stop;
-        let mut listener = Some(listener);
-        loop {
-            let current = match listener.take() {
-                Some(listener) => listener,
-                None => match tokio::net::TcpListener::bind(address).await {
-                    Ok(listener) => listener,
-                    Err(error) => {
-                        tracing::error!(%address, %error, "cannot listen again");
-                        return;
-                    }
-                },
-            };
-            let (mut stopping, mut going_down) = (stop.clone(), knobs.clone());
-            let closing = async move {
-                tokio::select! {
-                    _ = stopping.wait_for(|s| *s) => {}
-                    _ = going_down.wait_for(|f| f.down) => {}
-                }
-            };
-            if let Err(error) = axum::serve(current, router.clone())
-                .with_graceful_shutdown(closing)
-                .await
-            {
-                tracing::error!(%error, "a listener failed");
-            }
-            // Down (or stopping): wait until it is up again.
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
-                _ = knobs.wait_for(|f| !f.down) => {}
-            }
+        while knobs.changed().await.is_ok() {
+            let is_down = knobs.borrow_and_update().down;
+            down_sender.send_if_modified(|d| std::mem::replace(d, is_down) != is_down);
         }
     }));
-    Ok(address)
+    serve(name, router, stop, Some(down), tasks).await
 }
 
 /// `GET|PUT /admin/faults/{service}` on the public API: the demonstration knobs of

@@ -48,7 +48,7 @@ async fn leak_reservation(dir: &Path, order_id: &str) {
 }
 
 async fn place(base: &str, key: &str, body: Value) -> String {
-    let response = reqwest::Client::new()
+    let response = common::internal()
         .post(format!("{base}/api/orders"))
         .header("Idempotency-Key", key)
         .json(&body)
@@ -187,7 +187,7 @@ async fn the_system_serves_the_demo_and_survives_sigkill() {
     );
 
     // Orders under way when the process dies: shipping answers slowly.
-    let slow = reqwest::Client::new()
+    let slow = common::internal()
         .put(format!("{}/admin/faults", services["shipping"]))
         .json(&json!({ "latency_ms": 2000 }))
         .send()
@@ -337,7 +337,7 @@ async fn both_saga_modes_give_the_same_outcomes() {
     for mode in ["orchestrated", "choreographed"] {
         let dir = tempfile::tempdir().expect("dir");
         let (mut system, base, _) = up_with(dir.path(), &["--saga-mode", mode], Stdio::inherit());
-        let failing = reqwest::Client::new()
+        let failing = common::internal()
             .put(format!("{base}/admin/faults/notification"))
             .json(&json!({ "failure_rate": 1.0 }))
             .send()
@@ -445,7 +445,7 @@ async fn choreographed_orders_survive_sigkill_and_a_change_of_mode() {
         &["--saga-mode", "choreographed"],
         Stdio::inherit(),
     );
-    let slow = reqwest::Client::new()
+    let slow = common::internal()
         .put(format!("{}/admin/faults", services["shipping"]))
         .json(&json!({ "latency_ms": 1500 }))
         .send()
@@ -528,7 +528,7 @@ async fn saga_event(base: &str, order: &str, event_type: &str, step: &str) -> Va
 async fn a_participant_that_is_down_refuses_connections_and_the_saga_waits_for_it() {
     let dir = tempfile::tempdir().expect("dir");
     let (mut system, base, services) = up(dir.path());
-    let client = reqwest::Client::new();
+    let client = common::internal();
     let down = |service: &str, down: bool| {
         client
             .put(format!("{base}/admin/faults/{service}"))

@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
-    ApiError, Faults, FieldError, ID_RULE, Input, Validate, command_failure, valid_id,
+    ApiError, Caller, Faults, FieldError, ID_RULE, Input, Validate, command_failure, valid_id,
 };
 use serde::{Deserialize, Serialize};
 
@@ -147,11 +147,14 @@ impl Validate for RestockBody {
     }
 }
 
+/// Restocking: admins only.
 async fn restock(
     State(inventory): State<Inventory>,
+    caller: Caller,
     Path(sku): Path<String>,
     Input(body): Input<RestockBody>,
 ) -> Result<Json<Stock>, ApiError> {
+    caller.require_admin()?;
     check_sku(&sku)?;
     let id = format!("restock:{sku}:{}", uuid_like());
     inventory

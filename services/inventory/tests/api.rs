@@ -41,7 +41,10 @@ async fn service() -> Service {
     Service {
         base,
         items,
-        client: reqwest::Client::new(),
+        client: reqwest::Client::builder()
+            .default_headers(testing::internal())
+            .build()
+            .expect("a client"),
     }
 }
 
@@ -152,7 +155,10 @@ async fn restock_and_bad_input() {
         .await
         .expect("put");
     assert_eq!(unknown.status(), 404);
-    let bad = reqwest::get(format!("{}/api/inventory/lower-case", s.base))
+    let bad = s
+        .client
+        .get(format!("{}/api/inventory/lower-case", s.base))
+        .send()
         .await
         .expect("get");
     assert_eq!(bad.status(), 400);
@@ -182,9 +188,22 @@ async fn restock_and_bad_input() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_keeps_its_contract() {
     let s = service().await;
-    let contract = eventyr_testkit::contracts::Contract::load("inventory");
+    let contract =
+        eventyr_testkit::contracts::Contract::load("inventory").with_headers(testing::internal());
     let ids = [("sku", "SKU-1"), ("reservation_id", "r0")];
     contract.check_served(&s.base, &ids).await;
+    contract
+        .check_access(&s.base, &ids, testing::customer("mallory"))
+        .await;
+    // Restocking is for admins: a customer's is 403 and changes nothing.
+    let (status, _) = testing::request_with(
+        reqwest::Method::PUT,
+        &format!("{}/api/inventory/SKU-1", s.base),
+        Some(&json!({ "available": 1 })),
+        testing::customer("mallory"),
+    )
+    .await;
+    assert_eq!(status, 403);
     let fill = [("sku", "SKU-1"), ("reservation_id", "r1")];
     let cases = [
         ("get", "/api/inventory/{sku}", None, 200),

@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use eventyr_core::StreamVersion;
 use eventyr_cqrs::{CommandError, CommandHandler, DomainEvent};
 use eventyr_http::{
-    ApiError, CUSTOMER_ID_RULE, Faults, FieldError, ID_RULE, Input, Validate, check,
+    ApiError, CUSTOMER_ID_RULE, Caller, Faults, FieldError, ID_RULE, Input, Validate, check,
     command_failure, valid_customer_id, valid_id,
 };
 use eventyr_store::{EventStore, ReadStream};
@@ -68,11 +68,14 @@ struct ListQuery {
 /// The most notifications one page holds.
 const PAGE_MAX: usize = 100;
 
+/// A customer's notifications: a customer's own (without `customer_id` too); another
+/// customer's is 403.
 async fn list(
     State(notifications): State<Notifications>,
+    caller: Caller,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let customer_id = query.customer_id.unwrap_or_default();
+    let customer_id = caller.list_scope(query.customer_id)?.unwrap_or_default();
     check(
         "customer_id",
         valid_customer_id(&customer_id),

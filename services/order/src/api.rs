@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
-    ApiError, CUSTOMER_ID_RULE, FieldError, ID_RULE, Input, Validate, check, command_failure,
-    valid_customer_id, valid_id,
+    ApiError, CUSTOMER_ID_RULE, Caller, FieldError, ID_RULE, Input, Validate, check,
+    command_failure, valid_customer_id, valid_id,
 };
 use eventyr_saga::{Failure, SagaHandle, StepHandler};
 use futures::FutureExt;
@@ -59,19 +59,20 @@ struct ListQuery {
 }
 
 /// A page of orders, newest first, from the read model.
+/// A customer's list is their own (also without `customer_id`); naming another
+/// customer is 403. An admin's without `customer_id` is everyone's.
 async fn list(
     State(orders): State<Orders>,
+    caller: Caller,
     axum::extract::Query(query): axum::extract::Query<ListQuery>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     use eventyr_store::sql::SqlValue;
     let mut conditions = Vec::new();
     let mut params: Vec<SqlValue> = Vec::new();
-    if let Some(customer) = query.customer_id {
-        check(
-            "customer_id",
-            valid_customer_id(&customer),
-            CUSTOMER_ID_RULE,
-        )?;
+    if let Some(customer) = &query.customer_id {
+        check("customer_id", valid_customer_id(customer), CUSTOMER_ID_RULE)?;
+    }
+    if let Some(customer) = caller.list_scope(query.customer_id)? {
         params.push(customer.into());
         conditions.push(format!("customer_id = ${}", params.len()));
     }
@@ -103,7 +104,7 @@ async fn list(
             "total_cents": row.int("total_cents").unwrap_or(0),
             "points_used": row.int("points_used").unwrap_or(0),
             "saga_id": text("saga_id"),
-            "failure_reason": row.text("failure_reason"),
+            "failure_reason": row.text("failure_reason").map(crate::domain::failure_code),
         }))
     })
     .await
@@ -180,13 +181,14 @@ impl Validate for PlaceBody {
     }
 }
 
-/// The order id for a request: from its idempotency key (the same key, the same
+/// The order id for a request: from its idempotency key, scoped to the caller (the
+/// same key from the same caller, the same order; from another caller, another
 /// order), else fresh.
-fn order_id(customer_id: &str, key: Option<&str>) -> String {
+fn order_id(caller: &Caller, customer_id: &str, key: Option<&str>) -> String {
     let uuid = match key {
         Some(key) => uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
-            format!("order:{customer_id}:{key}").as_bytes(),
+            format!("order:{}:{customer_id}:{key}", caller.subject()).as_bytes(),
         ),
         None => uuid::Uuid::now_v7(),
     };
@@ -199,11 +201,14 @@ struct Placed {
     status: &'static str,
 }
 
+/// Placing an order: for the caller's own customer id only (403 otherwise).
 async fn place(
     State(orders): State<Orders>,
+    caller: Caller,
     headers: HeaderMap,
     Input(body): Input<PlaceBody>,
 ) -> Result<Response, ApiError> {
+    caller.act_for(&body.customer_id)?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(
@@ -234,7 +239,7 @@ async fn place(
     if !unknown.is_empty() {
         return Err(ApiError::invalid(unknown));
     }
-    let order_id = order_id(&body.customer_id, key);
+    let order_id = order_id(&caller, &body.customer_id, key);
     // The command id carries the request's content: the same key with other content
     // is another command, which the order refuses (409), not a duplicate.
     let content =
@@ -296,15 +301,19 @@ fn status_name(order: &Order) -> &'static str {
     }
 }
 
+/// One order: someone else's is 404, as if there were none.
 async fn show(
     State(orders): State<Orders>,
+    caller: Caller,
     Path(order_id): Path<String>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     check("order_id", valid_id(&order_id), ID_RULE)?;
     let order = orders.orders.load(&order_id).await.map_err(failure)?.state;
+    let missing = format!("no order {order_id}");
     if order.order_id.is_empty() {
-        return Err(ApiError::not_found(format!("no order {order_id}")));
+        return Err(ApiError::not_found(missing));
     }
+    caller.read_of(&order.customer_id, missing)?;
     Ok(axum::Json(json!({
         "order_id": order.order_id,
         "customer_id": order.customer_id,
@@ -314,7 +323,7 @@ async fn show(
         "points_used": order.points_used,
         "saga_id": order.saga_id,
         "saga_mode": order.saga_mode,
-        "failure_reason": order.failure_reason,
+        "failure_reason": order.failure_reason.as_deref().map(crate::domain::failure_code),
     })))
 }
 
@@ -372,29 +381,56 @@ fn step_failure(error: ApiError) -> Failure {
 }
 
 /// Starts the saga of every PENDING orchestrated order that has none (placed, then the
-/// process died before the saga started; a choreographed one starts from its event). Starts are idempotent, so running it at every start
-/// is safe. Returns how many orders it looked at.
+/// process died before its saga started; a choreographed one starts from its event).
+/// Starts are idempotent, so running it at every start is safe. Returns how many
+/// orders it looked at.
 pub async fn restart_sagas(
     orders: &CommandHandler<Order>,
     store: &Arc<dyn eventyr_store::EventStore>,
     sagas: &SagaHandle,
 ) -> Result<usize, ApiError> {
+    let mut looked = 0;
+    restart_sagas_from(
+        orders,
+        store,
+        sagas,
+        eventyr_core::Position::FIRST,
+        None,
+        &mut looked,
+    )
+    .await?;
+    Ok(looked)
+}
+
+/// [`restart_sagas`] for the orders placed from `from` on, and (with `placed_before`)
+/// only up to the first placed after that time — an order placed just now is still
+/// starting its saga itself. Returns where the next look begins.
+async fn restart_sagas_from(
+    orders: &CommandHandler<Order>,
+    store: &Arc<dyn eventyr_store::EventStore>,
+    sagas: &SagaHandle,
+    from: eventyr_core::Position,
+    placed_before: Option<eventyr_core::Timestamp>,
+    looked: &mut usize,
+) -> Result<eventyr_core::Position, ApiError> {
     use eventyr_store::{Filter, ReadAll};
     let prefix = format!("{}-", <Order as eventyr_cqrs::Aggregate>::KIND);
-    let mut read = ReadAll::from(eventyr_core::Position::FIRST)
+    let mut read = ReadAll::from(from)
         .limit(5_000)
         .filter(Filter::event_type_prefix("OrderCreated"));
-    let mut looked = 0;
     loop {
         let slice = store
             .read_all(&read)
             .await
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         for event in &slice.events {
+            if placed_before.is_some_and(|before| event.recorded_at > before) {
+                return Ok(event.position);
+            }
             let Some(order_id) = event.stream_id.as_str().strip_prefix(&prefix) else {
                 continue;
             };
-            looked += 1;
+            *looked += 1;
             let order = orders.load(order_id).await.map_err(failure)?.state;
             if order.status == crate::domain::OrderStatus::Pending
                 && order.saga_mode == SagaMode::Orchestrated
@@ -406,8 +442,41 @@ pub async fn restart_sagas(
             }
         }
         if slice.is_end() {
-            return Ok(looked);
+            return Ok(slice.next);
         }
         read.from = slice.next;
+    }
+}
+
+/// Keeps looking, every `every`, for orders placed more than `grace` ago whose saga
+/// never started — a request cut off between placing the order and starting its saga
+/// (a client gone, the gateway's timeout) — and starts them, until `shutdown`. Each
+/// order is looked at once. A failed look is tried again at the next round.
+pub async fn start_orphaned_sagas(
+    orders: Arc<CommandHandler<Order>>,
+    store: Arc<dyn eventyr_store::EventStore>,
+    sagas: SagaHandle,
+    every: std::time::Duration,
+    grace: std::time::Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut from = eventyr_core::Position::FIRST;
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = interval.tick() => {}
+        }
+        let before =
+            eventyr_core::Timestamp::from_system_time(std::time::SystemTime::now() - grace);
+        let mut looked = 0;
+        match restart_sagas_from(&orders, &store, &sagas, from, Some(before), &mut looked).await {
+            Ok(next) => from = next,
+            Err(error) => {
+                tracing::warn!(error = %error.message, "looking for orders without a saga failed")
+            }
+        }
     }
 }

@@ -309,6 +309,20 @@ impl Order {
     }
 }
 
+/// Why an order failed, as its customer is told: a business code, never the saga's
+/// own reason (internal addresses, status lines — those stay in the admin's saga
+/// timeline).
+pub fn failure_code(reason: &str) -> &'static str {
+    const BUSINESS: [&str; 3] = ["out_of_stock", "payment_declined", "insufficient_points"];
+    if let Some(code) = BUSINESS.iter().find(|code| reason.contains(*code)) {
+        return code;
+    }
+    if reason.starts_with("aborted") {
+        return "cancelled_by_operator";
+    }
+    "processing_failed"
+}
+
 #[cfg(test)]
 mod tests {
     use eventyr_cqrs::testing::given;
@@ -391,6 +405,14 @@ mod tests {
                 reason: "out of stock".into(),
             }]);
         assert_eq!(failed.failure_reason.as_deref(), Some("out of stock"));
+        assert_eq!(failure_code("out of stock"), "processing_failed");
+        let refused = "step inventory failed: POST http://127.0.0.1:9/internal/reservations: \
+                       409 Conflict: out_of_stock: SKU-RARE has 1";
+        assert_eq!(failure_code(refused), "out_of_stock");
+        assert_eq!(
+            failure_code("aborted: by an operator"),
+            "cancelled_by_operator"
+        );
         given::<Order>([
             created(),
             OrderCompleted {

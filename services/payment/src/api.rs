@@ -10,8 +10,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
-    ApiError, CUSTOMER_ID_RULE, CustomerBody, Faults, FieldError, ID_RULE, Input, Validate, check,
-    command_failure, valid_customer_id, valid_id,
+    ApiError, CUSTOMER_ID_RULE, Caller, CustomerBody, Faults, FieldError, ID_RULE, Input, Validate,
+    check, command_failure, valid_customer_id, valid_id,
 };
 use serde::{Deserialize, Serialize};
 
@@ -110,13 +110,16 @@ struct ListQuery {
     order_id: Option<String>,
 }
 
+/// An order's payments: a customer sees only their own (another's order lists none).
 async fn list(
     State(payments): State<Payments>,
+    caller: Caller,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let order_id = query.order_id.unwrap_or_default();
     check("order_id", valid_id(&order_id), ID_RULE)?;
-    let items = (payments.of_order)(order_id).await?;
+    let mut items = (payments.of_order)(order_id).await?;
+    items.retain(|payment| caller.owns(&payment.customer_id));
     Ok(Json(serde_json::json!({ "items": items })))
 }
 

@@ -160,9 +160,17 @@ async fn a_refund_first_tombstones_and_input_is_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_keeps_its_contract() {
     let s = service().await;
-    let contract = eventyr_testkit::contracts::Contract::load("payment");
+    let contract =
+        eventyr_testkit::contracts::Contract::load("payment").with_headers(testing::internal());
     contract
         .check_served(&s.base, &[("payment_id", "p0")])
+        .await;
+    contract
+        .check_access(
+            &s.base,
+            &[("payment_id", "p0")],
+            testing::customer("mallory"),
+        )
         .await;
     let cases = [
         ("post", "/internal/payments", Some(charge("p1", 1_000)), 200),

@@ -9,8 +9,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
-    ApiError, CUSTOMER_ID_RULE, CustomerBody, Faults, FieldError, ID_RULE, Input, Validate, check,
-    command_failure, valid_customer_id, valid_id,
+    ApiError, CUSTOMER_ID_RULE, Caller, CustomerBody, Faults, FieldError, ID_RULE, Input, Validate,
+    check, command_failure, valid_customer_id, valid_id,
 };
 use serde::{Deserialize, Serialize};
 
@@ -77,8 +77,10 @@ struct Balance {
     balance: u64,
 }
 
+/// A customer's balance: someone else's is 404, as if there were none.
 async fn balance(
     State(points): State<Points>,
+    caller: Caller,
     Path(customer_id): Path<String>,
 ) -> Result<Json<Balance>, ApiError> {
     check(
@@ -86,6 +88,7 @@ async fn balance(
         valid_customer_id(&customer_id),
         CUSTOMER_ID_RULE,
     )?;
+    caller.read_of(&customer_id, format!("no customer {customer_id}"))?;
     let account = points
         .accounts
         .load(&customer_id)

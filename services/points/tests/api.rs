@@ -107,10 +107,25 @@ async fn a_restore_first_tombstones_and_input_is_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_keeps_its_contract() {
     let base = service().await;
-    let contract = eventyr_testkit::contracts::Contract::load("points");
+    let contract =
+        eventyr_testkit::contracts::Contract::load("points").with_headers(testing::internal());
+    let fill = [("customer_id", "alice"), ("deduction_id", "d0")];
+    contract.check_served(&base, &fill).await;
     contract
-        .check_served(&base, &[("customer_id", "alice"), ("deduction_id", "d0")])
+        .check_access(&base, &fill, testing::customer("mallory"))
         .await;
+    // Someone else's balance is 404, as if there were none; one's own is 200.
+    let url = format!("{base}/api/customers/alice/points");
+    let as_mallory = testing::request_with(
+        reqwest::Method::GET,
+        &url,
+        None,
+        testing::customer("mallory"),
+    );
+    assert_eq!(as_mallory.await.0, 404);
+    let as_alice =
+        testing::request_with(reqwest::Method::GET, &url, None, testing::customer("alice"));
+    assert_eq!(as_alice.await.0, 200);
     let deduct = |id: &str, points: u64| json!({ "deduction_id": id, "customer_id": "alice", "points": points });
     let cases = [
         (

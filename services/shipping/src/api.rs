@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use eventyr_cqrs::{CommandError, CommandHandler};
 use eventyr_http::{
-    ApiError, CUSTOMER_ID_RULE, Faults, FieldError, ID_RULE, Input, Validate, check,
+    ApiError, CUSTOMER_ID_RULE, Caller, Faults, FieldError, ID_RULE, Input, Validate, check,
     command_failure, valid_customer_id, valid_id,
 };
 use serde::{Deserialize, Serialize};
@@ -74,8 +74,10 @@ struct ListQuery {
     order_id: Option<String>,
 }
 
+/// An order's shipment: a customer sees only their own (another's order lists none).
 async fn list(
     State(shipping): State<Shipping>,
+    caller: Caller,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let order_id = query.order_id.unwrap_or_default();
@@ -86,7 +88,10 @@ async fn list(
         .await
         .map_err(failure)?
         .state;
-    let items: Vec<View> = view(shipment).into_iter().collect();
+    let items: Vec<View> = view(shipment)
+        .into_iter()
+        .filter(|shipment| caller.owns(&shipment.customer_id))
+        .collect();
     Ok(Json(serde_json::json!({ "items": items })))
 }
 

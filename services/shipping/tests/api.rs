@@ -63,8 +63,12 @@ async fn a_shipment_is_created_and_cancelled_once_per_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_keeps_its_contract() {
     let base = service().await;
-    let contract = eventyr_testkit::contracts::Contract::load("shipping");
+    let contract =
+        eventyr_testkit::contracts::Contract::load("shipping").with_headers(testing::internal());
     contract.check_served(&base, &[("order_id", "o0")]).await;
+    contract
+        .check_access(&base, &[("order_id", "o0")], testing::customer("mallory"))
+        .await;
     let cases = [
         (
             "post",

@@ -87,6 +87,11 @@ pub fn up_with(
     args.extend_from_slice(extra);
     let mut child = Running(
         eventyr(dir, &args)
+            // The services' API asks for it: the tests' calls present the same.
+            .env(
+                "EVENTYR_INTERNAL_CREDENTIAL",
+                eventyr_http::testing::CREDENTIAL,
+            )
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -118,6 +123,20 @@ pub fn up_with(
     // Keep reading so that the process never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
     (child, base, services)
+}
+
+/// A client of the services' API behind the gateway: with the internal credential
+/// that [`up_with`] gives the system, and no user (another component's rights).
+pub fn internal() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        eventyr_http::caller::X_EVENTYR_CREDENTIAL,
+        reqwest::header::HeaderValue::from_static(eventyr_http::testing::CREDENTIAL),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("a client")
 }
 
 /// Logs in at the gateway; the access token.
