@@ -233,7 +233,11 @@ pub async fn serve<S, B, F>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let connection = serve_connection(stream, service(peer), &limits, finishing.clone());
+        // Only what is asked from now on concerns this connection (not a going down
+        // that came before it).
+        let mut finish_from_now = finishing.clone();
+        finish_from_now.mark_unchanged();
+        let connection = serve_connection(stream, service(peer), &limits, finish_from_now);
         tokio::spawn(async move {
             let _permit = permit;
             connection.await;

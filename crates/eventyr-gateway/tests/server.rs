@@ -144,4 +144,10 @@ async fn a_listener_taken_down_keeps_its_port() {
         ask(&mut again).await
     })
     .await;
+    // And whole again: a connection made after it came back keeps alive (the going
+    // down before it is no request to finish it).
+    let mut after = TcpStream::connect(&address).await.expect("connect");
+    for _ in 0..3 {
+        assert!(ask(&mut after).await, "kept alive");
+    }
 }
