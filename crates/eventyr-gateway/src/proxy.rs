@@ -617,7 +617,7 @@ impl Proxy {
             return match &self.sessions {
                 Some(sessions) => {
                     let identity = parts.extensions.get::<Authenticated>().map(|a| &*a.0);
-                    crate::session::endpoint(sessions, builtin, identity, body).await
+                    crate::session::endpoint(sessions, builtin, identity, body, client.ip()).await
                 }
                 None => error(StatusCode::NOT_FOUND, "no_route", "no sessions here"),
             };

@@ -250,6 +250,15 @@ pub async fn serve<S, B, F>(
     let _ = tokio::time::timeout(grace, connections.acquire_many(all)).await;
 }
 
+/// `router` for each connection, knowing its client (axum's `ConnectInfo`).
+pub fn with_client(router: axum::Router) -> impl Fn(SocketAddr) -> axum::Router {
+    move |peer| {
+        router
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)))
+    }
+}
+
 /// The next change of `down`: whether it went down. Never, once nobody can change it.
 async fn next_change(down: &mut Option<Down>) -> bool {
     let Some(receiver) = down.as_mut() else {

@@ -351,8 +351,22 @@ impl Sessions {
     /// [`LOGIN_FAILURES_MAX`] failures in the window is refused at once (429), for
     /// that account only.
     pub async fn login(&self, username: &str, password: &str) -> Result<TokenPair, SessionError> {
+        self.login_from(username, password, None).await
+    }
+
+    /// [`Self::login`] by a client at `client` (named in the security events).
+    pub async fn login_from(
+        &self,
+        username: &str,
+        password: &str,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<TokenPair, SessionError> {
+        let who = match client {
+            Some(client) => format!("{username} from {client}"),
+            None => username.to_owned(),
+        };
         if let Some(left) = self.login_failures.blocked(username).await {
-            security_event("login_locked_out", username);
+            security_event("login_locked_out", &who);
             return Err(SessionError::LockedOut(left));
         }
         let user = self.users.get(username).cloned();
@@ -373,9 +387,9 @@ impl Sessions {
         let user = match user {
             Some(user) if verified => user,
             _ => {
-                security_event("failed_login", username);
+                security_event("failed_login", &who);
                 if self.login_failures.fail(username).await {
-                    security_event("lockout", username);
+                    security_event("lockout", &who);
                 }
                 return Err(SessionError::InvalidCredentials);
             }
@@ -911,6 +925,7 @@ pub async fn endpoint(
     builtin: Builtin,
     identity: Option<&Identity>,
     body: hyper::body::Incoming,
+    client: std::net::IpAddr,
 ) -> Response<Body> {
     use http_body_util::BodyExt;
     let bytes = match http_body_util::Limited::new(body, 16 * 1024)
@@ -928,7 +943,11 @@ pub async fn endpoint(
     };
     let outcome = match builtin {
         Builtin::Login => match parse::<LoginRequest>(&bytes) {
-            Ok(login) => sessions.login(&login.username, &login.password).await,
+            Ok(login) => {
+                sessions
+                    .login_from(&login.username, &login.password, Some(client))
+                    .await
+            }
             Err(message) => return invalid_request(message),
         },
         Builtin::Refresh => match parse::<RefreshRequest>(&bytes) {

@@ -26,6 +26,9 @@ pub struct Config {
     pub faults: BTreeMap<String, FaultSettings>,
     /// `[telemetry]`: logs and traces.
     pub telemetry: eventyr_telemetry::Settings,
+    /// `[[users]]`: who may log in to `eventyr up` (name, password_hash, roles,
+    /// customer_id); when given, they replace the demo users.
+    pub users: Vec<eventyr_gateway::session::UserConfig>,
 }
 
 /// The services whose knobs `[faults.<service>]` may set.
@@ -57,6 +60,8 @@ struct File {
     faults: BTreeMap<String, FaultSettings>,
     #[serde(default)]
     telemetry: FileTelemetry,
+    #[serde(default)]
+    users: Vec<eventyr_gateway::session::UserConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -143,6 +148,7 @@ impl Config {
             saga_mode: file.saga.mode,
             faults: file.faults,
             telemetry: telemetry(args, file.telemetry),
+            users: file.users,
         })
     }
 }

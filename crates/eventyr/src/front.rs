@@ -87,7 +87,11 @@ pub fn config(dir: &Path, front: &Front<'_>, admin: SocketAddr) -> anyhow::Resul
     let hosts = serde_json::to_string(&names)?;
     let secrets = secrets(dir)?;
     let mut users = String::new();
-    let demo: &[(&str, &str)] = if front.demo_users { &DEMO_USERS } else { &[] };
+    let demo: &[(&str, &str)] = if front.demo_users && front.users.is_empty() {
+        &DEMO_USERS
+    } else {
+        &[]
+    };
     for &(name, role) in demo {
         let hash = hash_password(name).map_err(anyhow::Error::msg)?;
         // A customer owns the customer id of their name (PLAN.md's demo data).
@@ -134,7 +138,15 @@ endpoints = [{{ url = "http://{admin}" }}]
         credential = credential.expose(),
         routes = ROUTES.replace("HOSTS", &hosts),
     );
-    GatewayConfig::parse(&text).context("the gateway configuration of eventyr up")
+    let mut config =
+        GatewayConfig::parse(&text).context("the gateway configuration of eventyr up")?;
+    if let Some(sessions) = config.sessions.as_mut() {
+        sessions.users.extend(front.users.iter().cloned());
+    }
+    config
+        .check()
+        .map_err(|e| anyhow::anyhow!("[[users]] in eventyr.toml: {e}"))?;
+    Ok(config)
 }
 
 /// What a customer may do.
@@ -308,6 +320,8 @@ pub struct Front<'a> {
     pub demo_users: bool,
     /// More names the dashboard and the admin API answer for (`--allowed-host`).
     pub allowed_hosts: &'a [String],
+    /// The configured users (`[[users]]`), in place of the demo users.
+    pub users: &'a [eventyr_gateway::session::UserConfig],
 }
 
 /// Serves the gateway on `front.listen` in front of the services' API until `stop`
@@ -333,17 +347,16 @@ pub async fn serve(
     let until = |mut stop: watch::Receiver<bool>| async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let admin = eventyr_gateway::admin::router(Arc::clone(&gateway))
-        .into_make_service_with_connect_info::<SocketAddr>();
-    let admin_stop = until(stop.clone());
-    tasks.push(tokio::spawn(async move {
-        if let Err(error) = axum::serve(admin_listener, admin)
-            .with_graceful_shutdown(admin_stop)
-            .await
-        {
-            tracing::error!(%error, "the gateway's admin API stopped");
-        }
-    }));
+    let admin = eventyr_gateway::admin::router(Arc::clone(&gateway));
+    tasks.push(tokio::spawn(eventyr_gateway::server::serve(
+        "gateway-admin",
+        admin_listener,
+        eventyr_gateway::server::ServerLimits::default(),
+        eventyr_gateway::server::with_client(admin),
+        until(stop.clone()),
+        GRACE,
+        None,
+    )));
     tasks.push(tokio::spawn(eventyr_gateway::proxy::serve_gateway(
         listener,
         Arc::clone(&gateway),

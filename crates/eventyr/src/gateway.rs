@@ -97,16 +97,15 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
         let ready: eventyr_http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
         let router = eventyr_gateway::admin::router(Arc::clone(&gateway))
             .merge(eventyr_http::probes(ready, metrics));
-        let stop = until_stopped(stopped.clone());
-        tasks.push(tokio::spawn(async move {
-            let service = router.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(error) = axum::serve(admin_listener, service)
-                .with_graceful_shutdown(stop)
-                .await
-            {
-                tracing::error!(%error, "the admin API stopped");
-            }
-        }));
+        tasks.push(tokio::spawn(eventyr_gateway::server::serve(
+            "gateway-admin",
+            admin_listener,
+            config.limits.server(),
+            eventyr_gateway::server::with_client(router),
+            until_stopped(stopped.clone()),
+            GRACE,
+            None,
+        )));
     }
     let stop = async move {
         let _ = tokio::signal::ctrl_c().await;

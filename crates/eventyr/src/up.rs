@@ -289,6 +289,14 @@ pub struct StartOptions {
     pub allowed_hosts: Vec<String>,
 }
 
+impl StartOptions {
+    /// Whether the demo users (passwords = names) may log in: asked for, and no
+    /// `[[users]]` configured in their place.
+    fn demo_in_force(&self, config: &Config) -> bool {
+        self.demo_users && config.users.is_empty()
+    }
+}
+
 /// Starts the system; it runs until `stop` rings. Returns its addresses.
 pub async fn start(
     data_dir: &Path,
@@ -697,6 +705,7 @@ pub async fn start(
             credential: &credential,
             demo_users,
             allowed_hosts: &allowed_hosts,
+            users: &config.users,
         },
         stop,
         &mut tasks,
@@ -1001,14 +1010,6 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
         Some(SagaModeArg::Choreographed) => SagaMode::Choreographed,
         Some(SagaModeArg::Orchestrated) | None => SagaMode::Orchestrated,
     };
-    let loopback = args.listen.ip().is_loopback();
-    if !args.no_demo && !loopback && !args.demo_on_network {
-        anyhow::bail!(
-            "--listen {} is not a loopback address and the demo users' passwords are their \
-             names: start with --no-demo, or say --demo-on-network if you mean it",
-            args.listen
-        );
-    }
     let options = StartOptions {
         listen: args.listen,
         mode,
@@ -1016,6 +1017,14 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
         demo_users: !args.no_demo,
         allowed_hosts: args.allowed_hosts.clone(),
     };
+    if options.demo_in_force(config) && !args.listen.ip().is_loopback() && !args.demo_on_network {
+        anyhow::bail!(
+            "--listen {} is not a loopback address and the demo users' passwords are their \
+             names: start with --no-demo (or [[users]] in eventyr.toml), or say \
+             --demo-on-network if you mean it",
+            args.listen
+        );
+    }
     let addresses = start(&config.data_dir, options, config, stopped).await?;
     println!("eventyr is up ({}).", config.data_dir.display());
     println!("public API on http://{}", addresses.public);
@@ -1150,4 +1159,33 @@ fn faults_router(knobs: Arc<HashMap<&'static str, Faults>>) -> Router {
     Router::new()
         .route("/admin/faults/{service}", axum::routing::get(get).put(put))
         .with_state(knobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Readiness says what stopped: a store, the inbox, or a component the service
+    /// needs running (the order service: its saga engine and projections).
+    #[tokio::test]
+    async fn readiness_names_what_stopped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store: Arc<dyn EventStore> = Arc::new(eventyr_store::MemoryStore::default());
+        let inbox: Arc<dyn ReadModels> = Arc::new(
+            eventyr_store_sqlite::SqliteReadModels::open(dir.path()).expect("read models"),
+        );
+        let stopped = Arc::new(std::sync::Mutex::new(None::<String>));
+        let seen = Arc::clone(&stopped);
+        let running: Running = Arc::new(move || match &*seen.lock().expect("lock") {
+            Some(why) => Err(format!("the saga engine stopped: {why}")),
+            None => Ok(()),
+        });
+        let check = ready(&store, &inbox, running);
+        assert_eq!(check().await, Ok(()));
+        *stopped.lock().expect("lock") = Some("it ended".into());
+        assert_eq!(
+            check().await,
+            Err("the saga engine stopped: it ended".to_owned())
+        );
+    }
 }

@@ -885,4 +885,38 @@ async fn the_demo_users_exist_only_with_the_demo_and_never_on_a_network_by_accid
         assert_eq!(mode & 0o077, 0, "{entry}: {mode:o}");
     }
     drop(process);
+
+    // A configured user list replaces the demo users.
+    let configured = tempfile::tempdir().expect("dir");
+    let hash = eventyr_gateway::session::hash_password("a long passphrase").expect("hash");
+    std::fs::write(
+        configured.path().join("eventyr.toml"),
+        format!(
+            "[[users]]\nname = \"carol\"\npassword_hash = \"{hash}\"\nroles = [\"customer\"]\ncustomer_id = \"carol\"\n"
+        ),
+    )
+    .expect("write");
+    let (process, _, services) = up_with(configured.path(), &[], Stdio::null());
+    let url = format!("{}/auth/login", services["gateway"]);
+    let alice = json!({ "username": "alice", "password": "alice" });
+    assert_eq!(
+        refusal(call("POST", &url, None, &[], Some(alice)).await),
+        (401, "invalid_credentials".into())
+    );
+    let carol = json!({ "username": "carol", "password": "a long passphrase" });
+    let (status, pair) = call("POST", &url, None, &[], Some(carol)).await;
+    assert_eq!(status, 200, "{pair}");
+    let token = pair["access_token"].as_str().expect("a token");
+    let theirs = format!("{}/api/customers/alice/points", services["gateway"]);
+    assert_eq!(call("GET", &theirs, Some(token), &[], None).await.0, 404);
+    let (status, mine) = call(
+        "GET",
+        &format!("{}/api/orders", services["gateway"]),
+        Some(token),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!((status, ids(&mine).len()), (200, 0), "her own list: {mine}");
+    drop(process);
 }
