@@ -102,15 +102,21 @@ pub struct LimitsConfig {
     pub header_read_timeout: Duration,
     /// Client connections open at once; past it new ones are closed at once. Default
     /// 10 000.
-    #[serde(default = "ten_thousand")]
+    #[serde(default = "crate::server::ten_thousand")]
     pub max_connections: usize,
     /// A keep-alive connection with nothing under way is closed after this. Default
     /// 60 s.
-    #[serde(default = "sixty_seconds", with = "humantime_serde_lite")]
+    #[serde(
+        default = "crate::server::sixty_seconds",
+        with = "humantime_serde_lite"
+    )]
     pub idle_timeout: Duration,
     /// HTTP/2 clients are pinged this often and dropped when a ping goes unanswered
     /// as long. Default 20 s.
-    #[serde(default = "twenty_seconds", with = "humantime_serde_lite")]
+    #[serde(
+        default = "crate::server::twenty_seconds",
+        with = "humantime_serde_lite"
+    )]
     pub http2_keep_alive: Duration,
     /// WebSocket tunnels and event streams (server-sent events) open at once; past
     /// it a new one is 503. Default 1 000.
@@ -128,9 +134,9 @@ impl Default for LimitsConfig {
             max_body_bytes: ten_mebibytes(),
             max_header_bytes: sixty_four_kibibytes(),
             header_read_timeout: ten_seconds(),
-            max_connections: ten_thousand(),
-            idle_timeout: sixty_seconds(),
-            http2_keep_alive: twenty_seconds(),
+            max_connections: crate::server::ten_thousand(),
+            idle_timeout: crate::server::sixty_seconds(),
+            http2_keep_alive: crate::server::twenty_seconds(),
             max_tunnels: one_thousand(),
             refused_credentials_max: thirty(),
         }
@@ -150,20 +156,11 @@ impl LimitsConfig {
     }
 }
 
-fn ten_thousand() -> usize {
-    10_000
-}
 fn thirty() -> u32 {
     30
 }
 fn one_thousand() -> usize {
     1_000
-}
-fn sixty_seconds() -> Duration {
-    Duration::from_secs(60)
-}
-fn twenty_seconds() -> Duration {
-    Duration::from_secs(20)
 }
 
 fn ten_mebibytes() -> u64 {

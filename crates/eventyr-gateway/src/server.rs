@@ -70,7 +70,7 @@ impl Default for ServerLimits {
     }
 }
 
-fn ten_thousand() -> usize {
+pub(crate) fn ten_thousand() -> usize {
     10_000
 }
 fn sixty_four_kibibytes() -> usize {
@@ -79,10 +79,10 @@ fn sixty_four_kibibytes() -> usize {
 fn ten_seconds() -> Duration {
     Duration::from_secs(10)
 }
-fn twenty_seconds() -> Duration {
+pub(crate) fn twenty_seconds() -> Duration {
     Duration::from_secs(20)
 }
-fn sixty_seconds() -> Duration {
+pub(crate) fn sixty_seconds() -> Duration {
     Duration::from_secs(60)
 }
 

@@ -96,6 +96,20 @@ async fn flow(response: reqwest::Response, limit: Duration) -> Duration {
     }
 }
 
+/// Alice's access token.
+async fn login(client: &Client, gateway: &str) -> String {
+    let pair: Value = client
+        .post(format!("{gateway}/auth/login"))
+        .json(&json!({ "username": "alice", "password": "alice" }))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    pair["access_token"].as_str().expect("a token").to_owned()
+}
+
 async fn open(client: &Client, gateway: &str, token: &str) -> reqwest::Response {
     let response = client
         .get(format!("{gateway}/events"))
@@ -136,16 +150,7 @@ async fn an_event_stream_ends_with_its_token_and_its_session() {
     );
 
     // A session's stream ends within seconds of a logout.
-    let pair: Value = client
-        .post(format!("{gateway}/auth/login"))
-        .json(&json!({ "username": "alice", "password": "alice" }))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    let token = pair["access_token"].as_str().expect("a token").to_owned();
+    let token = login(&client, &gateway).await;
     let stream = open(&client, &gateway, &token).await;
     let flowing = tokio::spawn(flow(stream, Duration::from_secs(30)));
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -165,16 +170,7 @@ async fn long_lived_streams_are_bounded() {
     let upstream = forever().await;
     let (gateway, _) = start(&config(&upstream, 2)).await;
     let client = Client::new();
-    let pair: Value = client
-        .post(format!("{gateway}/auth/login"))
-        .json(&json!({ "username": "alice", "password": "alice" }))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    let token = pair["access_token"].as_str().expect("a token").to_owned();
+    let token = login(&client, &gateway).await;
     let first = open(&client, &gateway, &token).await;
     let second = open(&client, &gateway, &token).await;
     let third = client

@@ -68,6 +68,18 @@ fn refusal(answer: (u16, Value)) -> (u16, String) {
     (answer.0, code)
 }
 
+/// `POST /api/orders` at the gateway `g` as `token`, with more headers.
+async fn place(g: &str, token: &str, headers: &[(&str, &str)], body: Value) -> (u16, Value) {
+    call(
+        "POST",
+        &format!("{g}/api/orders"),
+        Some(token),
+        headers,
+        Some(body),
+    )
+    .await
+}
+
 fn order(customer: &str, sku: &str) -> Value {
     json!({ "customer_id": customer, "items": [{ "sku": sku, "quantity": 1 }], "points_to_use": 0 })
 }
@@ -115,14 +127,7 @@ async fn every_route_serves_only_its_owner() {
 
     // Alice's order, with an idempotency key.
     let key = [("Idempotency-Key", "same-key")];
-    let (status, placed) = call(
-        "POST",
-        &format!("{g}/api/orders"),
-        Some(&alice),
-        &key,
-        Some(order("alice", "SKU-1")),
-    )
-    .await;
+    let (status, placed) = place(g, &alice, &key, order("alice", "SKU-1")).await;
     assert_eq!(status, 202, "{placed}");
     let mine = placed["order_id"].as_str().expect("an id").to_owned();
     let order_url = format!("{g}/api/orders/{mine}");
@@ -130,38 +135,15 @@ async fn every_route_serves_only_its_owner() {
 
     // Bob acting for alice: refused, and no order is made.
     assert_eq!(
-        refusal(
-            call(
-                "POST",
-                &format!("{g}/api/orders"),
-                Some(&bob),
-                &[],
-                Some(order("alice", "SKU-2"))
-            )
-            .await
-        ),
+        refusal(place(g, &bob, &[], order("alice", "SKU-2")).await),
         (403, "forbidden".into())
     );
     // The same key from bob (for bob) is another order; from alice again, hers.
-    let (status, bobs) = call(
-        "POST",
-        &format!("{g}/api/orders"),
-        Some(&bob),
-        &key,
-        Some(order("bob", "SKU-1")),
-    )
-    .await;
+    let (status, bobs) = place(g, &bob, &key, order("bob", "SKU-1")).await;
     assert_eq!(status, 202, "{bobs}");
     let bobs = bobs["order_id"].as_str().expect("an id").to_owned();
     assert_ne!(bobs, mine, "idempotency keys are scoped to the caller");
-    let (status, again) = call(
-        "POST",
-        &format!("{g}/api/orders"),
-        Some(&alice),
-        &key,
-        Some(order("alice", "SKU-1")),
-    )
-    .await;
+    let (status, again) = place(g, &alice, &key, order("alice", "SKU-1")).await;
     assert_eq!((status, again["order_id"].as_str()), (202, Some(&*mine)));
 
     // Someone else's single resource: 404, as if it did not exist.
@@ -531,14 +513,7 @@ async fn a_client_cannot_name_itself_or_walk_around_the_routes() {
     let s = up(dir.path());
     let g = &s.gateway;
     let (alice, bob) = (login(g, "alice").await, login(g, "bob").await);
-    let (status, placed) = call(
-        "POST",
-        &format!("{g}/api/orders"),
-        Some(&alice),
-        &[],
-        Some(order("alice", "SKU-3")),
-    )
-    .await;
+    let (status, placed) = place(g, &alice, &[], order("alice", "SKU-3")).await;
     assert_eq!(status, 202);
     let mine = placed["order_id"].as_str().expect("an id").to_owned();
     let order_url = format!("{g}/api/orders/{mine}");

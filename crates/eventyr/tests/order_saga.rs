@@ -226,6 +226,27 @@ async fn system() -> System {
 }
 
 impl System {
+    /// An orchestrated order of alice's, placed as if its request ended before it
+    /// started the saga.
+    async fn place_without_saga(&self, order_id: &str) {
+        let orphan = order::domain::OrderCommand::Place {
+            order_id: order_id.into(),
+            customer_id: "alice".into(),
+            lines: vec![order::domain::Line {
+                sku: "SKU-1".into(),
+                quantity: 1,
+                price_cents: 500,
+            }],
+            points_used: 0,
+            saga_id: order_id.into(),
+            saga_mode: order::domain::SagaMode::Orchestrated,
+        };
+        self.orders
+            .execute(Command::new(order_id, orphan))
+            .await
+            .expect("placed");
+    }
+
     async fn place(&self, key: &str, body: Value) -> (u16, Value) {
         let response = reqwest::Client::new()
             .post(format!("{}/api/orders", self.public))
@@ -319,22 +340,7 @@ async fn the_demo_orders_reach_their_outcomes_across_the_services() {
     );
 
     // An order placed whose saga never started (a crash in between) is picked up.
-    let orphan = order::domain::OrderCommand::Place {
-        order_id: "orphan-1".into(),
-        customer_id: "alice".into(),
-        lines: vec![order::domain::Line {
-            sku: "SKU-1".into(),
-            quantity: 1,
-            price_cents: 500,
-        }],
-        points_used: 0,
-        saga_id: "orphan-1".into(),
-        saga_mode: order::domain::SagaMode::Orchestrated,
-    };
-    s.orders
-        .execute(Command::new("orphan-1", orphan))
-        .await
-        .expect("placed");
+    s.place_without_saga("orphan-1").await;
     order::api::restart_sagas(&s.orders, &s.order_store, &s.sagas)
         .await
         .expect("restart");
@@ -434,22 +440,7 @@ async fn the_demo_orders_reach_their_outcomes_across_the_services() {
         (400, vec!["/items/0/sku".to_owned()])
     );
     // The running system finds such an order by itself, within seconds.
-    let orphan = order::domain::OrderCommand::Place {
-        order_id: "orphan-2".into(),
-        customer_id: "alice".into(),
-        lines: vec![order::domain::Line {
-            sku: "SKU-1".into(),
-            quantity: 1,
-            price_cents: 500,
-        }],
-        points_used: 0,
-        saga_id: "orphan-2".into(),
-        saga_mode: order::domain::SagaMode::Orchestrated,
-    };
-    s.orders
-        .execute(Command::new("orphan-2", orphan))
-        .await
-        .expect("placed");
+    s.place_without_saga("orphan-2").await;
     tokio::spawn(order::api::start_orphaned_sagas(
         Arc::clone(&s.orders),
         Arc::clone(&s.order_store),

@@ -389,30 +389,23 @@ pub async fn restart_sagas(
     store: &Arc<dyn eventyr_store::EventStore>,
     sagas: &SagaHandle,
 ) -> Result<usize, ApiError> {
-    let mut looked = 0;
-    restart_sagas_from(
-        orders,
-        store,
-        sagas,
-        eventyr_core::Position::FIRST,
-        None,
-        &mut looked,
-    )
-    .await?;
+    let (_, looked) =
+        restart_sagas_from(orders, store, sagas, eventyr_core::Position::FIRST, None).await?;
     Ok(looked)
 }
 
 /// [`restart_sagas`] for the orders placed from `from` on, and (with `placed_before`)
 /// only up to the first placed after that time — an order placed just now is still
-/// starting its saga itself. Returns where the next look begins.
+/// starting its saga itself. Returns where the next look begins, and how many orders
+/// it looked at.
 async fn restart_sagas_from(
     orders: &CommandHandler<Order>,
     store: &Arc<dyn eventyr_store::EventStore>,
     sagas: &SagaHandle,
     from: eventyr_core::Position,
     placed_before: Option<eventyr_core::Timestamp>,
-    looked: &mut usize,
-) -> Result<eventyr_core::Position, ApiError> {
+) -> Result<(eventyr_core::Position, usize), ApiError> {
+    let mut looked = 0;
     use eventyr_store::{Filter, ReadAll};
     let prefix = format!("{}-", <Order as eventyr_cqrs::Aggregate>::KIND);
     let mut read = ReadAll::from(from)
@@ -425,12 +418,12 @@ async fn restart_sagas_from(
             .map_err(|e| ApiError::unavailable(e.to_string()))?;
         for event in &slice.events {
             if placed_before.is_some_and(|before| event.recorded_at > before) {
-                return Ok(event.position);
+                return Ok((event.position, looked));
             }
             let Some(order_id) = event.stream_id.as_str().strip_prefix(&prefix) else {
                 continue;
             };
-            *looked += 1;
+            looked += 1;
             let order = orders.load(order_id).await.map_err(failure)?.state;
             if order.status == crate::domain::OrderStatus::Pending
                 && order.saga_mode == SagaMode::Orchestrated
@@ -442,7 +435,7 @@ async fn restart_sagas_from(
             }
         }
         if slice.is_end() {
-            return Ok(slice.next);
+            return Ok((slice.next, looked));
         }
         read.from = slice.next;
     }
@@ -471,9 +464,8 @@ pub async fn start_orphaned_sagas(
         }
         let before =
             eventyr_core::Timestamp::from_system_time(std::time::SystemTime::now() - grace);
-        let mut looked = 0;
-        match restart_sagas_from(&orders, &store, &sagas, from, Some(before), &mut looked).await {
-            Ok(next) => from = next,
+        match restart_sagas_from(&orders, &store, &sagas, from, Some(before)).await {
+            Ok((next, _)) => from = next,
             Err(error) => {
                 tracing::warn!(error = %error.message, "looking for orders without a saga failed")
             }
