@@ -118,6 +118,29 @@ pub struct Identity {
     /// When the credential ends (a token's `exp`, Unix seconds); an answer that
     /// streams on (server-sent events) ends with it.
     pub expires: Option<u64>,
+    /// The identity headers for the upstream, made once (a verified token's identity
+    /// is kept: no request builds them again).
+    pub forwarded: Vec<(&'static str, http::HeaderValue)>,
+}
+
+impl Identity {
+    /// The identity with its upstream headers made.
+    fn forwarding(mut self) -> Self {
+        use eventyr_telemetry::identity as names;
+        let mut forwarded = Vec::with_capacity(3);
+        let mut put = |name: &'static str, value: &str| {
+            if let Ok(value) = http::HeaderValue::from_str(value) {
+                forwarded.push((name, value));
+            }
+        };
+        put(names::X_USER_ID, &self.user_id);
+        put(names::X_USER_ROLES, &self.roles.join(","));
+        if let Some(customer) = &self.customer_id {
+            put(names::X_CUSTOMER_ID, customer);
+        }
+        self.forwarded = forwarded;
+        self
+    }
 }
 
 /// Why a credential was refused.
@@ -435,7 +458,9 @@ impl Authenticator {
                             session: claims.sid.filter(|_| key.session),
                             customer_id: claims.customer_id,
                             expires: Some(claims.exp),
-                        },
+                            forwarded: Vec::new(),
+                        }
+                        .forwarding(),
                         claims.exp,
                     ));
                 }
@@ -474,7 +499,9 @@ impl Authenticator {
             session: None,
             customer_id: config.customer_id.clone(),
             expires: None,
-        }))
+            forwarded: Vec::new(),
+        }
+        .forwarding()))
     }
 
     /// Whether `identity`'s roles grant `permission` (`orders:read`; a role may hold

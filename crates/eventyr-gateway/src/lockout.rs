@@ -26,6 +26,11 @@ pub struct FailureLimit {
     window: Duration,
     keys_max: usize,
     backend: Backend,
+    /// When the last refusal that a local count began ends, in milliseconds since
+    /// `epoch`: before it nobody is refused, and the counts need no look (the common
+    /// case costs one atomic read).
+    refusing_until_ms: std::sync::atomic::AtomicU64,
+    epoch: Instant,
 }
 
 /// Keys a local limit keeps at most.
@@ -40,6 +45,21 @@ impl FailureLimit {
             window,
             keys_max: KEYS_MAX,
             backend: Backend::Local(Mutex::new(HashMap::new())),
+            refusing_until_ms: std::sync::atomic::AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Whether any key may be refused now (always, for counts kept in Redis).
+    pub fn may_refuse(&self) -> bool {
+        match self.backend {
+            Backend::Redis(_) => true,
+            Backend::Local(_) => {
+                let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.refusing_until_ms
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    > now
+            }
         }
     }
 
@@ -115,6 +135,12 @@ impl FailureLimit {
                     *entry = (now, 0);
                 }
                 entry.1 = entry.1.saturating_add(1);
+                if entry.1 >= self.limit {
+                    let ends = (entry.0 + self.window).saturating_duration_since(self.epoch);
+                    let ends = u64::try_from(ends.as_millis()).unwrap_or(u64::MAX);
+                    self.refusing_until_ms
+                        .fetch_max(ends, std::sync::atomic::Ordering::AcqRel);
+                }
                 entry.1
             }
             Backend::Redis(redis) => {
@@ -155,7 +181,9 @@ mod tests {
         assert!(!limit.fail("alice").await);
         assert!(!limit.fail("alice").await);
         assert!(limit.blocked("alice").await.is_none());
+        assert!(!limit.may_refuse(), "nobody is refused yet");
         assert!(limit.fail("alice").await, "the third reaches the limit");
+        assert!(limit.may_refuse());
         let left = limit.blocked("alice").await.expect("refused");
         assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(58));
         assert!(limit.blocked("bob").await.is_none(), "another key goes on");

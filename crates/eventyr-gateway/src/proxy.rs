@@ -526,18 +526,8 @@ impl Proxy {
         if let Some(credential) = &self.credential {
             headers.insert(names::X_EVENTYR_CREDENTIAL, credential.clone());
         }
-        let Some(identity) = identity else {
-            return;
-        };
-        let mut put = |name: &'static str, value: &str| {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(name, value);
-            }
-        };
-        put(names::X_USER_ID, &identity.user_id);
-        put(names::X_USER_ROLES, &identity.roles.join(","));
-        if let Some(customer) = &identity.customer_id {
-            put(names::X_CUSTOMER_ID, customer);
+        for (name, value) in identity.into_iter().flat_map(|i| &i.forwarded) {
+            headers.insert(*name, value.clone());
         }
     }
 

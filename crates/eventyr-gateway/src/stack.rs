@@ -610,9 +610,10 @@ async fn authentication(
     // An address whose credentials keep failing (guessed keys, forged tokens) is
     // refused for a while, whatever it presents.
     let presented = bearer.is_some() || api_key.is_some();
-    let client = presented.then(|| client_of(&proxy, &request).to_string());
+    let limit = proxy.refused_credentials();
+    let client = (presented && limit.may_refuse()).then(|| client_of(&proxy, &request).to_string());
     if let Some(client) = &client
-        && let Some(left) = proxy.refused_credentials().blocked(client).await
+        && let Some(left) = limit.blocked(client).await
     {
         crate::auth::security_event("refused_credentials_limited", client);
         return proxy.refused_credentials().refusal(
@@ -670,7 +671,7 @@ async fn authentication(
             next.run(request).await
         }
         Some(Err((reason, refused))) => {
-            let client = client.unwrap_or_default();
+            let client = client.unwrap_or_else(|| client_of(&proxy, &request).to_string());
             crate::auth::security_event(reason, &format!("{client}: {}", refused.0));
             proxy.refused_credentials().fail(&client).await;
             invalid_token(refused.0)

@@ -309,6 +309,21 @@ async fn sessions_in_redis_are_shared_by_gateways_and_fail_closed_without_it() {
     let third = login(&client, &b, "alice").await;
     assert_eq!(get(&client, &a, "/orders/1", &third).await.0, 200);
 
+    // Failed logins count across the gateways: five guesses at one, and the account
+    // is refused at the other too, even with its password; others go on.
+    for _ in 0..5 {
+        let guess = json!({ "username": "admin", "password": "guess" });
+        let (status, _) = post(&client, format!("{a}/auth/login"), guess).await;
+        assert_eq!(status, 401);
+    }
+    let right = json!({ "username": "admin", "password": "admin" });
+    let (status, answer) = post(&client, format!("{b}/auth/login"), right).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    login(&client, &b, "alice").await;
+
     // Redis goes away: nothing that needs a session passes unchecked.
     redis.stop();
     let (status, answer) = get(&client, &a, "/orders/1", &third).await;
