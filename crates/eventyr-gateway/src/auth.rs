@@ -491,17 +491,19 @@ impl Authenticator {
             }
         }
         let config = found.ok_or_else(|| Refused("unknown API key".to_owned()))?;
-        Ok(Arc::new(Identity {
-            user_id: config.consumer.clone(),
-            roles: config.roles.clone(),
-            tier: config.tier.clone(),
-            method: "api_key",
-            session: None,
-            customer_id: config.customer_id.clone(),
-            expires: None,
-            forwarded: Vec::new(),
-        }
-        .forwarding()))
+        Ok(Arc::new(
+            Identity {
+                user_id: config.consumer.clone(),
+                roles: config.roles.clone(),
+                tier: config.tier.clone(),
+                method: "api_key",
+                session: None,
+                customer_id: config.customer_id.clone(),
+                expires: None,
+                forwarded: Vec::new(),
+            }
+            .forwarding(),
+        ))
     }
 
     /// Whether `identity`'s roles grant `permission` (`orders:read`; a role may hold

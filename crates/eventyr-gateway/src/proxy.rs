@@ -526,8 +526,16 @@ impl Proxy {
         if let Some(credential) = &self.credential {
             headers.insert(names::X_EVENTYR_CREDENTIAL, credential.clone());
         }
-        for (name, value) in identity.into_iter().flat_map(|i| &i.forwarded) {
-            headers.insert(*name, value.clone());
+        match identity {
+            Some(identity) => {
+                for (name, value) in &identity.forwarded {
+                    headers.insert(*name, value.clone());
+                }
+            }
+            // A public route's request is nobody's: never the system's own rights.
+            None => {
+                headers.insert(names::X_EVENTYR_ANONYMOUS, HeaderValue::from_static("1"));
+            }
         }
     }
 

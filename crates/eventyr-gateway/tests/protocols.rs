@@ -75,6 +75,9 @@ async fn websocket_handshakes_and_frames_pass_through() {
     let ws = websocket_echo().await;
     let config = GatewayConfig::parse(&format!(
         r#"
+        [limits]
+        max_tunnels = 1
+
         [[clusters]]
         name = "ws"
         endpoints = [{{ url = "{ws}" }}]
@@ -115,6 +118,19 @@ async fn websocket_handshakes_and_frames_pass_through() {
             tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
         }
     }
+
+    // The tunnels open at once are bounded: a second handshake while this one is
+    // open is refused.
+    let mut second = TcpStream::connect(&address).await.expect("connect");
+    second
+        .write_all(
+            b"GET /live/feed HTTP/1.1\r\nhost: shop\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .expect("handshake");
+    let head = read_head(&mut second).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
 
     // Any other upgrade is an ordinary request to the upstream (which refuses it).
     let mut other = TcpStream::connect(&address).await.expect("connect");

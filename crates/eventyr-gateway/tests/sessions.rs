@@ -35,7 +35,7 @@ fn config(origin: &str, store: &str, extra: &str) -> GatewayConfig {
         access_secret = "an access secret of at least 32 bytes"
         refresh_secret = "a refresh secret of at least 32 bytes"
         users = [
-            {{ name = "alice", password_hash = "{alice}", roles = ["customer"] }},
+            {{ name = "alice", password_hash = "{alice}", roles = ["customer"], customer_id = "c-alice" }},
             {{ name = "admin", password_hash = "{admin}", roles = ["admin"] }},
         ]
 
@@ -171,6 +171,36 @@ async fn sessions_log_in_rotate_detect_reuse_and_revoke() {
     assert_eq!(first["expires_in"], 900);
     let (status, seen) = get(&client, &gateway, "/orders/1", &first).await;
     assert_eq!((status, seen["x-user-id"].as_str()), (200, Some("alice")));
+    // The services learn who it is, the customer id alice owns, and nothing else.
+    assert_eq!(seen["x-user-roles"], "customer");
+    assert_eq!(seen["x-customer-id"], "c-alice");
+    assert_eq!(seen["x-eventyr-anonymous"], Value::Null);
+    // A public route's request is nobody's (never the system's), whatever the client
+    // claims.
+    let claims: Value = client
+        .get(format!("{gateway}/public/x"))
+        .header("x-user-id", "admin")
+        .header("x-user-roles", "admin")
+        .header("x-customer-id", "c-bob")
+        .header(
+            "x-eventyr-credential",
+            "a guessed credential of forty characters",
+        )
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(claims["x-eventyr-anonymous"], "1", "{claims}");
+    for name in [
+        "x-user-id",
+        "x-user-roles",
+        "x-customer-id",
+        "x-eventyr-credential",
+    ] {
+        assert_eq!(claims[name], Value::Null, "{name}: {claims}");
+    }
     let (status, answer) = get(&client, &gateway, "/admin/sagas", &first).await;
     assert_eq!((status, answer["error"].as_str()), (403, Some("forbidden")));
     // A refresh token is no access token.

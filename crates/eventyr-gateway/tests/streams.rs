@@ -195,3 +195,38 @@ async fn long_lived_streams_are_bounded() {
     .await;
     drop(second);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_end_when_the_gateway_stops() {
+    let upstream = forever().await;
+    let config = config(&upstream, 2);
+    let gateway = eventyr_gateway::gateway::Gateway::new(&config, None).expect("gateway");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // A long grace: a stream that ends soon after the stop was ended, not cut off.
+    let serving = tokio::spawn(eventyr_gateway::proxy::serve_gateway(
+        listener,
+        gateway,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(60),
+    ));
+    let client = Client::new();
+    let token = login(&client, &url).await;
+    let flowing = tokio::spawn(flow(
+        open(&client, &url, &token).await,
+        Duration::from_secs(30),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop.send(());
+    let flowed = flowing.await.expect("joined");
+    assert!(flowed < Duration::from_secs(5), "{flowed:?}");
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the gateway stops without waiting out the grace")
+        .expect("joined");
+}

@@ -6,7 +6,8 @@
 //! consumers send it; anything else is 401 `unauthenticated` (the probes and
 //! `/metrics` excepted). With the credential, the identity headers the gateway sets —
 //! `X-User-ID`, `X-User-Roles`, `X-Customer-ID` — say which user the request is for;
-//! without them the caller is another component of the system ([`Caller::Service`]).
+//! `X-Eventyr-Anonymous` that it is for nobody (a public route); without any the
+//! caller is another component of the system ([`Caller::Service`]).
 //! The gateway always drops these headers from a client's request before it sets its
 //! own, so a client cannot name itself.
 //!
@@ -28,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use crate::ApiError;
 
 pub use eventyr_telemetry::identity::{
-    X_CUSTOMER_ID, X_EVENTYR_CREDENTIAL, X_USER_ID, X_USER_ROLES,
+    X_CUSTOMER_ID, X_EVENTYR_ANONYMOUS, X_EVENTYR_CREDENTIAL, X_USER_ID, X_USER_ROLES,
 };
 
 /// The role that may do everything.
@@ -97,6 +98,9 @@ pub enum Caller {
     /// Another component of the system (the saga engine, a consumer, an operator's
     /// tool): every right.
     Service,
+    /// Nobody in particular: a request the gateway passed on from an unauthenticated
+    /// client (a public route). Owns nothing.
+    Anonymous,
     /// A user, as the gateway authenticated them.
     User {
         subject: String,
@@ -111,6 +115,7 @@ impl Caller {
     pub fn is_admin(&self) -> bool {
         match self {
             Self::Service => true,
+            Self::Anonymous => false,
             Self::User { roles, .. } => roles.iter().any(|r| r == ADMIN_ROLE),
         }
     }
@@ -123,7 +128,7 @@ impl Caller {
     /// The customer id the user owns.
     pub fn customer_id(&self) -> Option<&str> {
         match self {
-            Self::Service => None,
+            Self::Service | Self::Anonymous => None,
             Self::User { customer_id, .. } => customer_id.as_deref(),
         }
     }
@@ -133,6 +138,7 @@ impl Caller {
     pub fn subject(&self) -> &str {
         match self {
             Self::Service => "service",
+            Self::Anonymous => "anonymous",
             Self::User { subject, .. } => subject,
         }
     }
@@ -185,6 +191,14 @@ impl Caller {
     }
 
     fn forbidden(&self, what: &str) -> ApiError {
+        if *self == Self::Anonymous {
+            security_event("unauthenticated", self.subject());
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                format!("log in to {what}"),
+            );
+        }
         security_event("forbidden", self.subject());
         ApiError::new(
             StatusCode::FORBIDDEN,
@@ -205,7 +219,11 @@ impl Caller {
             }
         };
         let Some(subject) = text(X_USER_ID)? else {
-            return Ok(Self::Service);
+            return Ok(if headers.contains_key(X_EVENTYR_ANONYMOUS) {
+                Self::Anonymous
+            } else {
+                Self::Service
+            });
         };
         let roles = text(X_USER_ROLES)?
             .unwrap_or_default()
@@ -358,6 +376,17 @@ mod tests {
             customer_id: None,
         };
         assert!(nobody.list_scope(None).is_err());
+        // Through the gateway for nobody: no rights at all, and asked to log in.
+        let anonymous = Caller::Anonymous;
+        assert!(!anonymous.owns("alice") && !anonymous.is_admin());
+        assert_eq!(
+            anonymous.list_scope(None).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            anonymous.read_of("alice", "no").unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
     }
 
     #[test]

@@ -11,5 +11,14 @@ pub const X_USER_ID: &str = "x-user-id";
 pub const X_USER_ROLES: &str = "x-user-roles";
 /// The customer id the user owns.
 pub const X_CUSTOMER_ID: &str = "x-customer-id";
+/// A request the gateway passed on for nobody in particular (a public route): it
+/// carries the credential, but is no component of the system.
+pub const X_EVENTYR_ANONYMOUS: &str = "x-eventyr-anonymous";
 /// Every one of them.
-pub const HEADERS: [&str; 4] = [X_EVENTYR_CREDENTIAL, X_USER_ID, X_USER_ROLES, X_CUSTOMER_ID];
+pub const HEADERS: [&str; 5] = [
+    X_EVENTYR_CREDENTIAL,
+    X_USER_ID,
+    X_USER_ROLES,
+    X_CUSTOMER_ID,
+    X_EVENTYR_ANONYMOUS,
+];

@@ -35,6 +35,10 @@ pub async fn upstream(name: &'static str) -> String {
             "traceparent": header("traceparent"),
             "x-secret": header("x-secret"),
             "x-user-id": header("x-user-id"),
+            "x-user-roles": header("x-user-roles"),
+            "x-customer-id": header("x-customer-id"),
+            "x-eventyr-anonymous": header("x-eventyr-anonymous"),
+            "x-eventyr-credential": header("x-eventyr-credential"),
         });
         let body = axum::body::to_bytes(body, 1 << 20)
             .await
