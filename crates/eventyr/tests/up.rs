@@ -631,3 +631,52 @@ async fn faults_set_in_the_config_file_apply_from_the_start() {
         assert!(stderr.contains(error), "{stderr}");
     }
 }
+
+/// Readiness tells the truth: a projection that stops (its read model's table gone
+/// from under it, by another process) makes the order service unready, naming it,
+/// while the participants stay ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_goes_503_when_a_projection_stops() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut system, base, services) = up(dir.path());
+    let ready = format!("{base}/health/ready");
+    assert_eq!(reqwest::get(&ready).await.expect("probe").status(), 200);
+    let body = json!({ "customer_id": "alice", "items": [{ "sku": "SKU-1", "quantity": 1 }] });
+    let first = place(&base, "r1", body.clone()).await;
+    settled(&base, &first).await;
+    // The fault: the order list's table dropped by another process.
+    let read = dir.path().join("services/order-read");
+    let file = std::fs::read_dir(&read)
+        .expect("the read models")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("orders.") && n.ends_with(".db"))
+        })
+        .expect("the order list's file");
+    rusqlite::Connection::open(&file)
+        .and_then(|c| c.execute_batch("DROP TABLE orders"))
+        .expect("dropped");
+    place(&base, "r2", body).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = reqwest::get(&ready).await.expect("probe");
+        if response.status() == 503 {
+            let answer: Value = response.json().await.expect("json");
+            assert!(
+                answer["checks"]["dependencies"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("projection orders stopped")),
+                "{answer}"
+            );
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never unready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let payment = format!("{}/health/ready", services["payment"]);
+    assert_eq!(reqwest::get(&payment).await.expect("probe").status(), 200);
+    system.kill().expect("kill");
+}
