@@ -29,7 +29,7 @@
 //! - [`auth`], [`ratelimit`], [`cache`]: what those layers use. [`gateway`]: the
 //!   configuration in force, hot-reloaded; [`admin`]: the admin API.
 //! - [`session`]: logins, rotating refresh tokens with reuse detection, logout and
-//!   server-side revocation, kept in SQLite or Redis; [`shared`]: the Redis that
+//!   server-side revocation; [`session_store`]: kept in SQLite or Redis; [`shared`]: the Redis that
 //!   several gateways share (sessions, and rate-limit rules with `shared = true`).
 //!
 //! - [`jwks`]: identity providers' key sets kept fresh in the background.
@@ -48,11 +48,13 @@ pub mod handles;
 pub mod health;
 pub mod jwks;
 pub mod lockout;
+mod long_lived;
 pub mod proxy;
 pub mod ratelimit;
 pub mod resilience;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod session_store;
 pub mod shared;
 pub mod stack;

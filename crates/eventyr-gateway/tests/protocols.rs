@@ -58,6 +58,11 @@ async fn websocket_echo() -> String {
 }
 
 /// Reads up to the end of an HTTP head.
+/// A WebSocket handshake to the gateway's `/live` route.
+const HANDSHAKE: &[u8] =
+    b"GET /live/feed HTTP/1.1\r\nhost: shop\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+    sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
 async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -95,13 +100,7 @@ async fn websocket_handshakes_and_frames_pass_through() {
     let address = gateway.trim_start_matches("http://").to_owned();
 
     let mut stream = TcpStream::connect(&address).await.expect("connect");
-    stream
-        .write_all(
-            b"GET /live/feed HTTP/1.1\r\nhost: shop\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .expect("handshake");
+    stream.write_all(HANDSHAKE).await.expect("handshake");
     let head = read_head(&mut stream).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
@@ -122,13 +121,7 @@ async fn websocket_handshakes_and_frames_pass_through() {
     // The tunnels open at once are bounded: a second handshake while this one is
     // open is refused.
     let mut second = TcpStream::connect(&address).await.expect("connect");
-    second
-        .write_all(
-            b"GET /live/feed HTTP/1.1\r\nhost: shop\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
-              sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
-        .await
-        .expect("handshake");
+    second.write_all(HANDSHAKE).await.expect("handshake");
     let head = read_head(&mut second).await;
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
 

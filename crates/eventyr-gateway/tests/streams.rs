@@ -153,7 +153,6 @@ async fn an_event_stream_ends_with_its_token_and_its_session() {
     let token = login(&client, &gateway).await;
     let stream = open(&client, &gateway, &token).await;
     let flowing = tokio::spawn(flow(stream, Duration::from_secs(30)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let logout = client
         .post(format!("{gateway}/auth/logout"))
         .bearer_auth(&token)
@@ -221,7 +220,6 @@ async fn event_streams_end_when_the_gateway_stops() {
         open(&client, &url, &token).await,
         Duration::from_secs(30),
     ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop.send(());
     let flowed = flowing.await.expect("joined");
     assert!(flowed < Duration::from_secs(5), "{flowed:?}");
