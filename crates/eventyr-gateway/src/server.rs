@@ -243,6 +243,9 @@ pub async fn serve<S, B, F>(
             connection.await;
         });
     }
+    // No new connections (refused, not left waiting in the backlog); the ones open
+    // are asked to finish.
+    drop(listener);
     finish.send_modify(|n| *n += 1);
     drop(finishing);
     // Every connection task holds a permit: all back means all done.

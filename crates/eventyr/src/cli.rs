@@ -225,6 +225,14 @@ pub struct UpArgs {
     /// `--listen` is not a loopback address.
     #[arg(long)]
     pub demo_on_network: bool,
+    /// After a SIGTERM or SIGINT, how long readiness answers 503 before the listeners
+    /// stop taking connections (for load balancers to notice), e.g. 1s.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+    /// How long the requests, consumers, sagas and projections under way may take
+    /// to finish after that; past it the process exits with an error.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
     /// A host name the dashboard and the admin API answer for, besides localhost and
     /// the listen address (repeatable; others get 421: no DNS rebinding).
     #[arg(long = "allowed-host")]

@@ -51,6 +51,9 @@ fn hash_password() -> anyhow::Result<()> {
 /// How long a stop waits for the requests under way.
 const GRACE: Duration = Duration::from_secs(30);
 
+/// How long readiness answers 503 before the listeners stop taking connections.
+const DRAIN_DELAY: Duration = Duration::from_secs(1);
+
 /// How often the file is checked for changes.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
@@ -80,6 +83,9 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|s| *s).await;
     };
+    // From the first stop signal the admin port's readiness answers 503; a moment
+    // later the listeners stop taking connections.
+    let draining = crate::signals::Draining::default();
     let mut tasks = vec![
         tokio::spawn(Arc::clone(&gateway).health(until_stopped(stopped.clone()))),
         tokio::spawn(Arc::clone(&gateway).watch(WATCH_EVERY, until_stopped(stopped.clone()))),
@@ -94,7 +100,11 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
         println!("admin API on http://{}", admin_listener.local_addr()?);
         // The admin port also answers the probes and /metrics (Prometheus).
         let metrics = eventyr_telemetry::install_prometheus().ok();
-        let ready: eventyr_http::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+        let stopping = draining.clone();
+        let ready: eventyr_http::ReadyCheck = Arc::new(move || {
+            let stopping = stopping.clone();
+            Box::pin(async move { stopping.check() })
+        });
         let router = eventyr_gateway::admin::router(Arc::clone(&gateway))
             .merge(eventyr_http::probes(ready, metrics));
         tasks.push(tokio::spawn(eventyr_gateway::server::serve(
@@ -108,8 +118,15 @@ pub async fn run(file: &Path, listen: Option<SocketAddr>) -> anyhow::Result<()> 
         )));
     }
     let stop = async move {
-        let _ = tokio::signal::ctrl_c().await;
-        println!("stopping");
+        match crate::signals::stop_requested().await {
+            Ok(signal) => println!("stopping ({signal})"),
+            Err(error) => {
+                tracing::error!(%error, "cannot wait for a stop signal");
+                std::future::pending::<()>().await;
+            }
+        }
+        draining.start();
+        tokio::time::sleep(DRAIN_DELAY).await;
         let _ = stopping.send(true);
     };
     serve_gateway(listener, gateway, stop, GRACE).await;

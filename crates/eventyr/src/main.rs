@@ -21,6 +21,7 @@ mod output;
 mod projection;
 mod reconcile;
 mod saga;
+mod signals;
 mod stores;
 mod up;
 

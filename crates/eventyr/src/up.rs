@@ -43,6 +43,8 @@ pub struct Addresses {
     pub internal: SocketAddr,
     pub services: Vec<(&'static str, SocketAddr)>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Set at the first stop signal: every service's readiness answers 503.
+    pub draining: crate::signals::Draining,
 }
 
 /// A service's command handler. With snapshots: an item or a customer account
@@ -311,6 +313,12 @@ pub async fn start(
         demo_users,
         allowed_hosts,
     } = options;
+    // The stop comes in two steps: the listeners first (they finish the requests under
+    // way, which may still start sagas and write), then, once they are done, the
+    // components behind them (consumers, the engine, projections).
+    let listeners_stop = stop;
+    let (components, stop) = watch::channel(false);
+    let mut listeners: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let dir = data_dir.join("services");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // A data directory of an earlier version may be open to others: no longer.
@@ -338,6 +346,7 @@ pub async fn start(
     let credential =
         Credential::new(credential.unwrap_or_else(eventyr_gateway::session::random_secret))
             .map_err(|e| anyhow::anyhow!("--internal-credential: {e}"))?;
+    let draining = crate::signals::Draining::default();
     let with_probes = |name: &'static str,
                        router: Router,
                        store: &Arc<dyn EventStore>,
@@ -406,8 +415,23 @@ pub async fn start(
     let mut services = Vec::new();
     for (name, store, router, faults) in participants {
         let inbox = inbox(&dir, name)?;
-        let router = with_probes(name, router, store, &inbox, Arc::new(|| Ok(())));
-        let address = serve_service(name, router.clone(), faults, stop.clone(), &mut tasks).await?;
+        let stopping = draining.clone();
+        let router = with_probes(
+            name,
+            router,
+            store,
+            &inbox,
+            Arc::new(move || stopping.check()),
+        );
+        let (address, forwarder) = serve_service(
+            name,
+            router.clone(),
+            faults,
+            listeners_stop.clone(),
+            &mut listeners,
+        )
+        .await?;
+        tasks.push(forwarder);
         services.push(Service {
             name,
             credential: credential.clone(),
@@ -680,7 +704,9 @@ pub async fn start(
     let public = public.merge(crate::dashboard::router(Arc::clone(&dashboard)));
     let running: Running = {
         let projections = projections.clone();
+        let stopping = draining.clone();
         Arc::new(move || {
+            stopping.check()?;
             if let Some(why) = &*engine_ended
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -696,7 +722,14 @@ pub async fn start(
         })
     };
     let internal = with_probes("api", public, &order_store, &order_inbox, running);
-    let internal = serve("api", internal, stop.clone(), None, &mut tasks).await?;
+    let internal = serve(
+        "api",
+        internal,
+        listeners_stop.clone(),
+        None,
+        &mut listeners,
+    )
+    .await?;
     let (public, gateway) = crate::front::serve(
         data_dir,
         crate::front::Front {
@@ -707,10 +740,17 @@ pub async fn start(
             allowed_hosts: &allowed_hosts,
             users: &config.users,
         },
-        stop,
-        &mut tasks,
+        listeners_stop.clone(),
+        &mut listeners,
     )
     .await?;
+    // Once every listener has finished, the components stop.
+    let mut asked = listeners_stop;
+    tasks.push(tokio::spawn(async move {
+        let _ = asked.wait_for(|s| *s).await;
+        futures::future::join_all(listeners).await;
+        let _ = components.send(true);
+    }));
     let _ = dashboard.gateway.set(gateway);
     let _ = dashboard.services.set(
         std::iter::once(("order", internal))
@@ -722,6 +762,7 @@ pub async fn start(
         internal,
         services: addresses,
         tasks,
+        draining,
     })
 }
 
@@ -1062,19 +1103,25 @@ pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
         args.reconcile_every,
         stop.subscribe(),
     ));
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
-    println!("stopping");
+    // A graceful stop: readiness 503 first, then the listeners stop taking
+    // connections and finish the requests under way, the consumers, the engine and
+    // the projections stop; a second signal stops at once.
+    let signal = crate::signals::stop_requested().await?;
+    println!("stopping ({signal}): draining for {:?}", args.drain_delay);
+    addresses.draining.start();
+    tokio::time::sleep(args.drain_delay).await;
     let _ = stop.send(true);
-    // The listeners finish the requests under way; the engine and projection stop.
     let finished = futures::future::join_all(addresses.tasks);
-    if tokio::time::timeout(Duration::from_secs(30), finished)
+    if tokio::time::timeout(args.shutdown_grace, finished)
         .await
         .is_err()
     {
-        tracing::error!("some components did not stop within 30 s");
+        anyhow::bail!(
+            "some components did not stop within {:?} (--shutdown-grace)",
+            args.shutdown_grace
+        );
     }
+    println!("stopped");
     Ok(())
 }
 
@@ -1113,22 +1160,24 @@ async fn reconcile_every(config: Config, period: Duration, mut stop: watch::Rece
 /// Serves a service on a loopback port of its own. While its `down` knob is set, the
 /// listener closes every connection at once (as if nothing listened) without giving
 /// its port away, so no other process can take it meanwhile.
+/// Returns its address and the task that follows the knob (it ends with them).
 async fn serve_service(
     name: &'static str,
     router: Router,
     faults: &Faults,
     stop: watch::Receiver<bool>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> anyhow::Result<SocketAddr> {
+    listeners: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let mut knobs = faults.watch();
     let (down_sender, down) = watch::channel(knobs.borrow().down);
-    tasks.push(tokio::spawn(async move {
+    let forwarder = tokio::spawn(async move {
         while knobs.changed().await.is_ok() {
             let is_down = knobs.borrow_and_update().down;
             down_sender.send_if_modified(|d| std::mem::replace(d, is_down) != is_down);
         }
-    }));
-    serve(name, router, stop, Some(down), tasks).await
+    });
+    let address = serve(name, router, stop, Some(down), listeners).await?;
+    Ok((address, forwarder))
 }
 
 /// `GET|PUT /admin/faults/{service}` on the public API: the demonstration knobs of

@@ -680,3 +680,101 @@ async fn readiness_goes_503_when_a_projection_stops() {
     assert_eq!(reqwest::get(&payment).await.expect("probe").status(), 200);
     system.kill().expect("kill");
 }
+
+/// Sends `signal` (TERM, INT) to `process`.
+fn signal(process: &Running, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(process.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+}
+
+/// Waits up to `within` for `process` to exit; its status.
+async fn exited(process: &mut Running, within: Duration) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(status) = process.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM under load: readiness goes 503 first, no request is answered with an
+/// error, the process exits 0, and every order it took reaches its end after a
+/// restart. A second signal stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mut system, base, _) = up_with(dir.path(), &["--drain-delay", "1s"], Stdio::inherit());
+    let client = common::internal();
+    let load = {
+        let (base, client) = (base.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut answered = Vec::new();
+            for i in 0..10_000 {
+                let body =
+                    json!({ "customer_id": "alice", "items": [{ "sku": "SKU-4", "quantity": 1 }] });
+                let sent = client
+                    .post(format!("{base}/api/orders"))
+                    .header("Idempotency-Key", format!("drain-{i}"))
+                    .json(&body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let order: Value = response.json().await.unwrap_or(Value::Null);
+                        answered.push((status, order["order_id"].as_str().map(str::to_owned)));
+                    }
+                    // The listener has stopped taking connections: the load ends.
+                    Err(_) => return answered,
+                }
+            }
+            answered
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal(&system, "TERM");
+    // Readiness says so before the listeners go.
+    let ready = format!("{base}/health/ready");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = client.get(&ready).send().await.map(|r| r.status().as_u16());
+        if status.as_ref().is_ok_and(|s| *s == 503) {
+            break;
+        }
+        assert!(
+            status.is_ok() && tokio::time::Instant::now() < deadline,
+            "readiness never said 503 before the listener closed: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = exited(&mut system, Duration::from_secs(40)).await;
+    assert!(status.success(), "{status:?}");
+    let answered = load.await.expect("joined");
+    assert!(!answered.is_empty());
+    assert!(
+        answered.iter().all(|(status, _)| *status == 202),
+        "only acceptances: {:?}",
+        answered
+            .iter()
+            .filter(|(s, _)| *s != 202)
+            .collect::<Vec<_>>()
+    );
+
+    // Every order it took ends after a restart; a second signal stops at once.
+    let (mut second, base, _) = up_with(dir.path(), &[], Stdio::inherit());
+    for (_, order) in &answered {
+        let order = order.as_deref().expect("an order id");
+        let done = settled(&base, order).await;
+        assert_eq!(done["status"], "COMPLETED", "{done}");
+    }
+    signal(&second, "TERM");
+    signal(&second, "TERM");
+    let status = exited(&mut second, Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(130), "stopped at once");
+}
