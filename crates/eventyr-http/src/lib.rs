@@ -420,6 +420,25 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
+/// A SKU (`contracts/common.yaml` `Sku`): 1 to 32 of A-Z, 0-9 and '-', not from '-'.
+pub fn valid_sku(sku: &str) -> bool {
+    (1..=32).contains(&sku.len())
+        && sku
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
+        && !sku.starts_with('-')
+}
+
+/// A saga step a service serves: its name in the saga, and the paths of its action
+/// and compensation (templates taking `{saga_id}`), the same over HTTP, from the bus
+/// and in the choreography. Each service lists its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepRoute {
+    pub step: &'static str,
+    pub action: &'static str,
+    pub compensation: Option<&'static str>,
+}
+
 /// A customer id (`CustomerId`): 1 to 64 of a-z, 0-9, '-' and '_', from a letter or digit.
 pub fn valid_customer_id(id: &str) -> bool {
     (1..=64).contains(&id.len())

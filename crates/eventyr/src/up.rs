@@ -17,16 +17,15 @@ use eventyr_bus::{
     PublicEvents, ServiceName,
 };
 use eventyr_core::{SystemClock, Timestamp};
-use eventyr_cqrs::{Aggregate, Command, CommandHandler, DomainEvent, HandlerOptions, Upcasters};
-use eventyr_http::{Credential, Faults, ReadyCheck, conventions, guarded, probes};
+use eventyr_cqrs::{Aggregate, Command, CommandHandler, HandlerOptions, Upcasters};
+use eventyr_http::{Credential, Faults, ReadyCheck, StepRoute, conventions, guarded, probes};
 use eventyr_saga::choreography::{FlowStatus, Tracker, TrackerHandler};
 use eventyr_saga::{
     BusParticipants, CommandHandler as BusCommands, EngineOptions, HttpParticipants, InProcess,
     Participants, ReplyHandler, Routed, SagaEngine, StepHandler,
 };
+use eventyr_store::EventStore;
 use eventyr_store::readmodel::ReadModels;
-use eventyr_store::{EventStore, Filter, ReadAll};
-use futures::FutureExt;
 use order::domain::SagaMode;
 use tokio::sync::watch;
 
@@ -184,101 +183,6 @@ async fn seed(
     Ok(())
 }
 
-/// An order's payments, from the payment store's events (a scan; a read model
-/// indexed by order comes with the rest of the read side).
-fn payments_of_order(store: &Arc<dyn EventStore>) -> payment::api::PaymentsOfOrder {
-    let store = Arc::clone(store);
-    Arc::new(move |order_id: String| {
-        let store = Arc::clone(&store);
-        async move {
-            use payment::domain::CreditEvent;
-            let mut read = ReadAll::from(eventyr_core::Position::FIRST)
-                .limit(1000)
-                .filter(Filter::event_type_prefix("Payment"));
-            let mut found: Vec<payment::api::PaymentView> = Vec::new();
-            loop {
-                let slice = store
-                    .read_all(&read)
-                    .await
-                    .map_err(|e| eventyr_http::ApiError::unavailable(e.to_string()))?;
-                for event in &slice.events {
-                    let Ok(decoded) = CreditEvent::from_stored(&event.event_type, &event.data)
-                    else {
-                        continue;
-                    };
-                    let customer = event
-                        .stream_id
-                        .as_str()
-                        .strip_prefix("credit-")
-                        .unwrap_or_default()
-                        .to_owned();
-                    let (id, status, amount) = match decoded {
-                        CreditEvent::PaymentProcessed {
-                            payment_id,
-                            order_id: of,
-                            amount_cents,
-                            ..
-                        } if of == order_id => (payment_id, "CHARGED", amount_cents),
-                        CreditEvent::PaymentFailed {
-                            payment_id,
-                            order_id: of,
-                            amount_cents,
-                            ..
-                        } if of == order_id => (payment_id, "DECLINED", amount_cents),
-                        CreditEvent::PaymentRefunded { payment_id, .. } => {
-                            if let Some(p) = found.iter_mut().find(|p| p.payment_id == payment_id) {
-                                p.status = "REFUNDED".into();
-                            }
-                            continue;
-                        }
-                        _ => continue,
-                    };
-                    found.push(payment::api::PaymentView {
-                        payment_id: id,
-                        order_id: order_id.clone(),
-                        customer_id: customer,
-                        status: status.into(),
-                        amount_cents: amount,
-                    });
-                }
-                if slice.is_end() {
-                    return Ok(found);
-                }
-                read.from = slice.next;
-            }
-        }
-        .boxed()
-    })
-}
-
-/// A SKU's price, asked of the inventory over HTTP (services share no tables).
-fn prices(inventory: SocketAddr, credential: &Credential) -> order::api::PriceOf {
-    let client = reqwest::Client::builder()
-        .default_headers(credential.headers())
-        .build()
-        .unwrap_or_default();
-    Arc::new(move |sku: String| {
-        let client = client.clone();
-        async move {
-            if !inventory::api::valid_sku(&sku) {
-                return None;
-            }
-            let url = format!("http://{inventory}/api/inventory/{sku}");
-            // The price lookup is part of the order's trace.
-            let response = client
-                .get(url)
-                .headers(eventyr_telemetry::trace::headers())
-                .timeout(Duration::from_secs(5))
-                .send()
-                .await
-                .ok()?;
-            let stock: serde_json::Value = response.json().await.ok()?;
-            stock["price_cents"].as_i64()
-        }
-        .boxed()
-    })
-}
-
 /// How `up` starts, from its flags.
 pub struct StartOptions {
     pub listen: SocketAddr,
@@ -364,7 +268,7 @@ pub async fn start(
     };
     let payment_state = payment::api::Payments {
         accounts: credit,
-        of_order: payments_of_order(&payment_store),
+        of_order: payment::read::payments_of_order(&payment_store),
         faults: Faults::default(),
     };
     let points_state = points::api::Points {
@@ -386,34 +290,44 @@ pub async fn start(
             &inventory_store,
             inventory::api::router(inventory_state.clone()),
             &inventory_state.faults,
+            &inventory::api::STEPS[..],
+            &inventory::domain::PUBLIC_EVENTS[..],
         ),
         (
             "payment",
             &payment_store,
             payment::api::router(payment_state.clone()),
             &payment_state.faults,
+            &payment::api::STEPS[..],
+            &payment::domain::PUBLIC_EVENTS[..],
         ),
         (
             "points",
             &points_store,
             points::api::router(points_state.clone()),
             &points_state.faults,
+            &points::api::STEPS[..],
+            &points::domain::PUBLIC_EVENTS[..],
         ),
         (
             "shipping",
             &shipping_store,
             shipping::api::router(shipping_state.clone()),
             &shipping_state.faults,
+            &shipping::api::STEPS[..],
+            &shipping::domain::PUBLIC_EVENTS[..],
         ),
         (
             "notification",
             &notification_store,
             notification::api::router(notification_state.clone()),
             &notification_state.faults,
+            &notification::api::STEPS[..],
+            &notification::domain::PUBLIC_EVENTS[..],
         ),
     ];
     let mut services = Vec::new();
-    for (name, store, router, faults) in participants {
+    for (name, store, router, faults, steps, events) in participants {
         let inbox = inbox(&dir, name)?;
         let stopping = draining.clone();
         let router = with_probes(
@@ -434,6 +348,8 @@ pub async fn start(
         tasks.push(forwarder);
         services.push(Service {
             name,
+            steps,
+            events,
             credential: credential.clone(),
             store: Arc::clone(store),
             router,
@@ -466,13 +382,13 @@ pub async fn start(
     bus.register(
         bus_name("order")?,
         Arc::clone(&order_store),
-        public_events("order"),
+        public_events(&order::domain::PUBLIC_EVENTS, true),
     );
     for s in &services {
         bus.register(
             bus_name(s.name)?,
             Arc::clone(&s.store),
-            public_events(s.name),
+            public_events(s.events, false),
         );
     }
     let order_inbox = inbox(&dir, "order")?;
@@ -483,16 +399,19 @@ pub async fn start(
     // notification over the bus; the order service's own steps in process.
     let mut remote = HttpParticipants::with_headers(Arc::new(SystemClock), credential.headers())?;
     let mut over_bus: Vec<&'static str> = Vec::new();
-    for (step, owner, action, compensation) in STEP_PATHS {
-        if OVER_HTTP.contains(&step) {
-            let base = format!("http://{}", service(owner)?.address);
-            remote = remote.step(
-                step,
-                format!("{base}{action}"),
-                compensation.map(|c| format!("{base}{c}")),
-            );
-        } else {
-            over_bus.push(step);
+    check_step_owners(&services)?;
+    for s in &services {
+        let base = format!("http://{}", s.address);
+        for route in s.steps {
+            if OVER_HTTP.contains(&route.step) {
+                remote = remote.step(
+                    route.step,
+                    format!("{base}{}", route.action),
+                    route.compensation.map(|c| format!("{base}{c}")),
+                );
+            } else {
+                over_bus.push(route.step);
+            }
         }
     }
     let orders = handler::<order::domain::Order>(&order_store);
@@ -518,11 +437,10 @@ pub async fn start(
     )
     .register(order::saga::definition(timeouts));
     let sagas = engine.handle();
-    for s in services.iter().filter(|s| {
-        STEP_PATHS
-            .iter()
-            .any(|(step, owner, ..)| *owner == s.name && over_bus.contains(step))
-    }) {
+    for s in services
+        .iter()
+        .filter(|s| s.steps.iter().any(|r| over_bus.contains(&r.step)))
+    {
         let steps = step_handlers(s)
             .into_iter()
             .filter(|(step, _)| over_bus.contains(&step.as_str()))
@@ -675,7 +593,10 @@ pub async fn start(
     let public = order::api::router(order::api::Orders {
         orders,
         sagas: sagas.clone(),
-        prices: prices(inventory_address, &credential),
+        prices: order::api::price_client(
+            format!("http://{inventory_address}"),
+            credential.headers(),
+        ),
         read_models,
         mode,
     })
@@ -769,6 +690,9 @@ pub async fn start(
 /// A participant service as `up` wires it.
 struct Service {
     name: &'static str,
+    /// The saga steps it serves, and its public events (its own lists).
+    steps: &'static [StepRoute],
+    events: &'static [&'static str],
     /// What its consumers present to its routes.
     credential: Credential,
     store: Arc<dyn EventStore>,
@@ -780,46 +704,27 @@ struct Service {
     inbox: Arc<dyn ReadModels>,
 }
 
-/// Each participant step: its service, and where that service serves its action and
-/// compensation — the same paths over HTTP, from the bus and in the choreography.
-const STEP_PATHS: [(&str, &str, &str, Option<&str>); 6] = [
-    (
-        "inventory",
-        "inventory",
-        "/internal/reservations",
-        Some("/internal/reservations/{saga_id}/release"),
-    ),
-    (
-        "confirm",
-        "inventory",
-        "/internal/reservations/{saga_id}/confirm",
-        None,
-    ),
-    (
-        "payment",
-        "payment",
-        "/internal/payments",
-        Some("/internal/payments/{saga_id}/refund"),
-    ),
-    (
-        "points",
-        "points",
-        "/internal/points/deductions",
-        Some("/internal/points/deductions/{saga_id}/restore"),
-    ),
-    (
-        "shipping",
-        "shipping",
-        "/internal/shipments",
-        Some("/internal/shipments/{saga_id}/cancel"),
-    ),
-    (
-        "notification",
-        "notification",
-        "/internal/notifications",
-        None,
-    ),
-];
+/// Every participant step of the order saga is served by the service the saga says
+/// runs it (`order::saga::SERVICES`), and by no other: the two lists come from their
+/// owners, and a start refuses to wire them if they disagree.
+fn check_step_owners(services: &[Service]) -> anyhow::Result<()> {
+    for (step, owner) in order::saga::SERVICES {
+        if owner == "order" {
+            continue;
+        }
+        let servers: Vec<&str> = services
+            .iter()
+            .filter(|s| s.steps.iter().any(|r| r.step == step))
+            .map(|s| s.name)
+            .collect();
+        if servers != [owner] {
+            anyhow::bail!(
+                "step {step} of the order saga runs at {owner}, but is served by {servers:?}"
+            );
+        }
+    }
+    Ok(())
+}
 
 /// The steps the orchestrator calls over synchronous HTTP (PLAN.md); the other
 /// participants' steps travel over the bus.
@@ -830,61 +735,34 @@ const FLOW_DEADLINE: Duration = Duration::from_secs(300);
 
 /// A service's steps as handlers that call its routes in process.
 fn step_handlers(service: &Service) -> Vec<(String, StepHandler)> {
-    STEP_PATHS
+    service
+        .steps
         .iter()
-        .filter(|(_, owner, ..)| *owner == service.name)
-        .map(|(step, _, action, compensation)| {
+        .map(|route| {
             let handler = eventyr_saga::local_step(
                 service.router.clone(),
-                action,
-                *compensation,
+                route.action,
+                route.compensation,
                 service.credential.headers(),
             );
-            ((*step).to_owned(), handler)
+            (route.step.to_owned(), handler)
         })
         .collect()
 }
 
-/// The public events of each service: its domain events (`contracts/events/`), and
-/// the saga's commands (order) or replies (the rest), and the choreography's events.
-fn public_events(service: &str) -> PublicEvents {
-    let domain: &[&str] = match service {
-        "order" => &[
-            "OrderCreated",
-            "OrderCompleted",
-            "OrderFailed",
-            "OrderCancelled",
-            eventyr_saga::bus::COMMAND_TYPE,
-        ],
-        "inventory" => &[
-            "ItemStocked",
-            "ItemRestocked",
-            "InventoryReserved",
-            "InventoryReleased",
-            "ReservationConfirmed",
-        ],
-        "payment" => &[
-            "CreditOpened",
-            "PaymentProcessed",
-            "PaymentFailed",
-            "PaymentRefunded",
-        ],
-        "points" => &[
-            "PointsOpened",
-            "PointsAwarded",
-            "PointsDeducted",
-            "PointsRestored",
-        ],
-        "shipping" => &["ShipmentCreated", "ShipmentCancelled"],
-        "notification" => &["NotificationSent"],
-        _ => &[],
+/// What a service's outbox publishes: its own public events (`contracts/events/`),
+/// the saga's commands (the order service) or replies (the others), and the
+/// choreography's events.
+fn public_events(own: &[&'static str], orchestrator: bool) -> PublicEvents {
+    let saga = if orchestrator {
+        eventyr_saga::bus::COMMAND_TYPE
+    } else {
+        eventyr_saga::bus::REPLY_TYPE
     };
-    let replies = (service != "order").then_some(eventyr_saga::bus::REPLY_TYPE);
     PublicEvents::only(
-        domain
-            .iter()
+        own.iter()
             .copied()
-            .chain(replies)
+            .chain(std::iter::once(saga))
             .chain(eventyr_saga::chain::EVENT_TYPES),
     )
 }

@@ -49,13 +49,21 @@ pub fn router(inventory: Inventory) -> Router {
 }
 
 /// SKU-1 … SKU-20, SKU-RARE: upper-case letters, digits and dashes.
-pub fn valid_sku(sku: &str) -> bool {
-    (1..=32).contains(&sku.len())
-        && sku
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
-        && !sku.starts_with('-')
-}
+pub use eventyr_http::valid_sku;
+
+/// The order saga's steps this service serves.
+pub const STEPS: [eventyr_http::StepRoute; 2] = [
+    eventyr_http::StepRoute {
+        step: "inventory",
+        action: "/internal/reservations",
+        compensation: Some("/internal/reservations/{saga_id}/release"),
+    },
+    eventyr_http::StepRoute {
+        step: "confirm",
+        action: "/internal/reservations/{saga_id}/confirm",
+        compensation: None,
+    },
+];
 
 fn check_sku(sku: &str) -> Result<(), ApiError> {
     if valid_sku(sku) {

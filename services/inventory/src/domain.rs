@@ -12,6 +12,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use eventyr_cqrs::{AdjacentlyTagged, Aggregate};
 use serde::{Deserialize, Serialize};
 
+/// The events of this service that leave it (`contracts/events/inventory/`): what its
+/// outbox publishes.
+pub const PUBLIC_EVENTS: [&str; 5] = [
+    "ItemStocked",
+    "ItemRestocked",
+    "InventoryReserved",
+    "InventoryReleased",
+    "ReservationConfirmed",
+];
+
 /// The largest quantity one command moves.
 pub const QUANTITY_MAX: u64 = 10_000;
 

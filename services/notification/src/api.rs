@@ -37,6 +37,13 @@ fn public_routes() -> Router<Notifications> {
     Router::new().route("/api/notifications", get(list))
 }
 
+/// The order saga's step this service serves.
+pub const STEPS: [eventyr_http::StepRoute; 1] = [eventyr_http::StepRoute {
+    step: "notification",
+    action: "/internal/notifications",
+    compensation: None,
+}];
+
 pub fn router(notifications: Notifications) -> Router {
     let steps = Router::new().route("/internal/notifications", post(send));
     let public = public_routes();

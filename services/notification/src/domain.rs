@@ -5,6 +5,10 @@ use std::collections::BTreeSet;
 use eventyr_cqrs::{AdjacentlyTagged, Aggregate};
 use serde::{Deserialize, Serialize};
 
+/// The events of this service that leave it (`contracts/events/notification/`): what its
+/// outbox publishes.
+pub const PUBLIC_EVENTS: [&str; 1] = ["NotificationSent"];
+
 /// The longest message.
 pub const MESSAGE_MAX_BYTES: usize = 2_000;
 

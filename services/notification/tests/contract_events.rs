@@ -12,3 +12,17 @@ fn every_public_event_matches_its_contract() {
     }];
     eventyr_testkit::contracts::check_events("notification", samples);
 }
+
+/// What the service publishes is what its contract lists.
+#[test]
+fn the_public_events_are_the_contracts() {
+    let mut published: Vec<String> = notification::domain::PUBLIC_EVENTS
+        .iter()
+        .map(|e| (*e).to_owned())
+        .collect();
+    published.sort();
+    assert_eq!(
+        published,
+        eventyr_testkit::contracts::event_types("notification")
+    );
+}

@@ -28,6 +28,35 @@ use crate::saga::{SAGA_TYPE, data};
 /// inventory's prices).
 pub type PriceOf = Arc<dyn Fn(String) -> BoxFuture<'static, Option<i64>> + Send + Sync>;
 
+/// A SKU's price, asked of the inventory at `inventory` (a base URL) over HTTP with
+/// `headers` (the internal credential): services share no tables.
+pub fn price_client(inventory: String, headers: HeaderMap) -> PriceOf {
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap_or_default();
+    Arc::new(move |sku: String| {
+        let (client, inventory) = (client.clone(), inventory.clone());
+        async move {
+            if !eventyr_http::valid_sku(&sku) {
+                return None;
+            }
+            let url = format!("{inventory}/api/inventory/{sku}");
+            // The price lookup is part of the order's trace.
+            let response = client
+                .get(url)
+                .headers(eventyr_telemetry::trace::headers())
+                .timeout(std::time::Duration::from_secs(5))
+                .send()
+                .await
+                .ok()?;
+            let stock: serde_json::Value = response.json().await.ok()?;
+            stock["price_cents"].as_i64()
+        }
+        .boxed()
+    })
+}
+
 /// The most points one order uses.
 pub const POINTS_MAX: u64 = 10_000_000;
 

@@ -11,6 +11,15 @@ use std::collections::BTreeSet;
 use eventyr_cqrs::{AdjacentlyTagged, Aggregate};
 use serde::{Deserialize, Serialize};
 
+/// The events of this service that leave it (`contracts/events/order/`): what its
+/// outbox publishes.
+pub const PUBLIC_EVENTS: [&str; 4] = [
+    "OrderCreated",
+    "OrderCompleted",
+    "OrderFailed",
+    "OrderCancelled",
+];
+
 pub const LINES_MAX: usize = 50;
 pub const QUANTITY_MAX: u64 = 1_000;
 

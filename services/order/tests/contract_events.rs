@@ -33,3 +33,14 @@ fn every_public_event_matches_its_contract() {
     ];
     eventyr_testkit::contracts::check_events("order", samples);
 }
+
+/// What the service publishes is what its contract lists.
+#[test]
+fn the_public_events_are_the_contracts() {
+    let mut published: Vec<String> = order::domain::PUBLIC_EVENTS
+        .iter()
+        .map(|e| (*e).to_owned())
+        .collect();
+    published.sort();
+    assert_eq!(published, eventyr_testkit::contracts::event_types("order"));
+}

@@ -53,6 +53,13 @@ fn public_routes() -> Router<Payments> {
     Router::new().route("/api/payments", get(list))
 }
 
+/// The order saga's step this service serves.
+pub const STEPS: [eventyr_http::StepRoute; 1] = [eventyr_http::StepRoute {
+    step: "payment",
+    action: "/internal/payments",
+    compensation: Some("/internal/payments/{saga_id}/refund"),
+}];
+
 pub fn router(payments: Payments) -> Router {
     let steps = Router::new()
         .route("/internal/payments", post(charge))

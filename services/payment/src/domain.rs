@@ -11,6 +11,15 @@ use std::collections::BTreeMap;
 use eventyr_cqrs::{AdjacentlyTagged, Aggregate};
 use serde::{Deserialize, Serialize};
 
+/// The events of this service that leave it (`contracts/events/payment/`): what its
+/// outbox publishes.
+pub const PUBLIC_EVENTS: [&str; 4] = [
+    "CreditOpened",
+    "PaymentProcessed",
+    "PaymentFailed",
+    "PaymentRefunded",
+];
+
 /// The largest amount one payment moves: 1 000 000.00.
 pub const AMOUNT_MAX_CENTS: i64 = 100_000_000;
 

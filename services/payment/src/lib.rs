@@ -3,6 +3,8 @@
 //!
 //! - [`domain`]: the `CreditAccount` aggregate, pure.
 //! - [`api`]: the HTTP API of `contracts/payment.yaml`.
+//! - [`read`]: an order's payments, from its store.
 
 pub mod api;
 pub mod domain;
+pub mod read;

@@ -33,6 +33,13 @@ fn public_routes() -> Router<Points> {
     Router::new().route("/api/customers/{customer_id}/points", get(balance))
 }
 
+/// The order saga's step this service serves.
+pub const STEPS: [eventyr_http::StepRoute; 1] = [eventyr_http::StepRoute {
+    step: "points",
+    action: "/internal/points/deductions",
+    compensation: Some("/internal/points/deductions/{saga_id}/restore"),
+}];
+
 pub fn router(points: Points) -> Router {
     let steps = Router::new()
         .route("/internal/points/deductions", post(deduct))

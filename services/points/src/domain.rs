@@ -9,6 +9,15 @@ use std::collections::BTreeMap;
 use eventyr_cqrs::{AdjacentlyTagged, Aggregate};
 use serde::{Deserialize, Serialize};
 
+/// The events of this service that leave it (`contracts/events/points/`): what its
+/// outbox publishes.
+pub const PUBLIC_EVENTS: [&str; 4] = [
+    "PointsOpened",
+    "PointsAwarded",
+    "PointsDeducted",
+    "PointsRestored",
+];
+
 /// The most points one command moves.
 pub const POINTS_MAX: u64 = 10_000_000;
 

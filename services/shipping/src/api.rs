@@ -33,6 +33,13 @@ fn public_routes() -> Router<Shipping> {
     Router::new().route("/api/shipments", get(list))
 }
 
+/// The order saga's step this service serves.
+pub const STEPS: [eventyr_http::StepRoute; 1] = [eventyr_http::StepRoute {
+    step: "shipping",
+    action: "/internal/shipments",
+    compensation: Some("/internal/shipments/{saga_id}/cancel"),
+}];
+
 pub fn router(shipping: Shipping) -> Router {
     let steps = Router::new()
         .route("/internal/shipments", post(create))

@@ -5,6 +5,10 @@
 use eventyr_cqrs::{AdjacentlyTagged, Aggregate};
 use serde::{Deserialize, Serialize};
 
+/// The events of this service that leave it (`contracts/events/shipping/`): what its
+/// outbox publishes.
+pub const PUBLIC_EVENTS: [&str; 2] = ["ShipmentCreated", "ShipmentCancelled"];
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShipmentState {
     #[default]
