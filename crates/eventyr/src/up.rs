@@ -924,6 +924,15 @@ fn flows_router(flows: Arc<Flows>) -> Router {
 }
 
 pub async fn up(config: &Config, args: UpArgs) -> anyhow::Result<()> {
+    // The embedded mode keeps every service's data in SQLite under the data
+    // directory; running it on another store is not a silent choice.
+    if config.store.backend != crate::cli::StoreKind::Sqlite {
+        anyhow::bail!(
+            "eventyr up is the embedded mode: every service keeps its data in SQLite under \
+             --data-dir; the store setting (--store, EVENTYR_STORE, store.backend) is for \
+             the event-store commands"
+        );
+    }
     let (stop, stopped) = watch::channel(false);
     let mode = match args.saga_mode.or(config.saga_mode) {
         Some(SagaModeArg::Choreographed) => SagaMode::Choreographed,

@@ -833,6 +833,18 @@ async fn the_demo_users_exist_only_with_the_demo_and_never_on_a_network_by_accid
         "{}",
         common::text(&output.stderr)
     );
+    // Not silently on another store than the one it runs on.
+    let output = common::run(
+        dir.path(),
+        &["--store", "postgres", "up", "--listen", "127.0.0.1:0"],
+    )
+    .await;
+    assert!(!output.status.success());
+    assert!(
+        common::text(&output.stderr).contains("embedded mode"),
+        "{}",
+        common::text(&output.stderr)
+    );
     // Without the demo: nobody logs in with the demo passwords.
     let (process, _, services) = up_with(dir.path(), &["--no-demo"], Stdio::null());
     for user in ["alice", "bob", "admin"] {

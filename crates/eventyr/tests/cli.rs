@@ -522,8 +522,20 @@ fn the_gateway_runs_on_its_own_reloads_and_refuses_a_bad_configuration() {
     ] {
         assert!(metrics.contains(name), "{name} in:\n{metrics}");
     }
-    gateway.kill().expect("stop");
-    gateway.wait().expect("reaped");
+    // SIGTERM: readiness answers 503 while it drains, then it exits cleanly.
+    let sent = Command::new("kill")
+        .args(["-TERM", &gateway.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let ready = format!("{admin}/health/ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while call(reqwest::Method::GET, ready.clone()).0 != 503 {
+        assert!(std::time::Instant::now() < deadline, "never draining");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = gateway.wait().expect("reaped");
+    assert!(status.success(), "{status:?}");
 
     std::fs::write(
         &config,
