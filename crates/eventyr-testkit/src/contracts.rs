@@ -26,6 +26,15 @@ pub fn event_types(service: &str) -> Vec<String> {
     types
 }
 
+/// What `service` publishes (`published`, its public events) is what its contract
+/// lists under `contracts/events/<service>/`.
+#[track_caller]
+pub fn check_public_events(service: &str, published: &[&str]) {
+    let mut published: Vec<String> = published.iter().map(|e| (*e).to_owned()).collect();
+    published.sort();
+    assert_eq!(published, event_types(service), "{service}'s public events");
+}
+
 /// Checks `data` of an event of `event_type` against its JSON Schema; panics with every
 /// violation.
 #[track_caller]
