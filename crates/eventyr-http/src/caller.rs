@@ -169,10 +169,8 @@ impl Caller {
     /// everyone.
     pub fn list_scope(&self, requested: Option<String>) -> Result<Option<String>, ApiError> {
         match requested {
-            Some(customer) => {
-                self.act_for(&customer)?;
-                Ok(Some(customer))
-            }
+            Some(customer) if self.owns(&customer) => Ok(Some(customer)),
+            Some(customer) => Err(self.forbidden(&format!("list customer {customer}'s"))),
             None if self.is_admin() => Ok(None),
             None => match self.customer_id() {
                 Some(own) => Ok(Some(own.to_owned())),
