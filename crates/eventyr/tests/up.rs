@@ -711,6 +711,8 @@ async fn sigterm_drains_and_exits_cleanly() {
     let dir = tempfile::tempdir().expect("dir");
     let (mut system, base, _) = up_with(dir.path(), &["--drain-delay", "1s"], Stdio::inherit());
     let client = common::internal();
+    // The signal comes once the load is under way (a few orders answered).
+    let (progress, mut under_way) = tokio::sync::watch::channel(0usize);
     let load = {
         let (base, client) = (base.clone(), client.clone());
         tokio::spawn(async move {
@@ -729,6 +731,7 @@ async fn sigterm_drains_and_exits_cleanly() {
                         let status = response.status().as_u16();
                         let order: Value = response.json().await.unwrap_or(Value::Null);
                         answered.push((status, order["order_id"].as_str().map(str::to_owned)));
+                        progress.send_replace(answered.len());
                     }
                     // The listener has stopped taking connections: the load ends.
                     Err(_) => return answered,
@@ -737,7 +740,10 @@ async fn sigterm_drains_and_exits_cleanly() {
             answered
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(Duration::from_secs(30), under_way.wait_for(|n| *n >= 5))
+        .await
+        .expect("the load gets going")
+        .expect("the load runs");
     signal(&system, "TERM");
     // Readiness says so before the listeners go.
     let ready = format!("{base}/health/ready");
